@@ -1,0 +1,36 @@
+# Two commands for a fresh machine:  `make demo` (main job on tinyworld)  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-slow tinyworld eval clean-venv
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on disk; install first so nothing pulls CUDA builds
+	$(PY) -m pip install -q -e '.[cpu,train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## render tinyworld prompts with the committed model
+	@mkdir -p out
+	$(PY) -m train tinyworld sample --n 4 --out out/demo.png \
+	  --prompt "a large red circle on sand" --prompt "a small blue star and a large yellow heart at night" \
+	  --prompt "a large green ring and a large knife on grass" --prompt "a large purple moon at the graveyard"
+
+test: $(STAMP)  ## the default (fast) test suite
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+tinyworld: $(STAMP)  ## retrain tinyworld from scratch (~75 min on 2 cores)
+	$(PY) -m train tinyworld fit
+
+eval: $(STAMP)
+	$(PY) -m train tinyworld eval --out bench/results/tinyworld_base_eval.json
+
+clean-venv:
+	rm -rf $(VENV)
