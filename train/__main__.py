@@ -1,0 +1,70 @@
+"""``python -m train tinyworld {fit,eval,sample}`` — training entry points."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tinyworld"
+
+
+def _tinyworld(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tinyworld", help="the tinyworld model organism")
+    ts = p.add_subparsers(dest="action", required=True)
+
+    fit = ts.add_parser("fit", help="train tokenizer, judge, VAE, text encoder + UNet from scratch (resumable)")
+    fit.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="model folder to write (default: %(default)s)")
+    fit.add_argument("--work", type=Path, default=Path(".cache/tinyworld"), help="checkpoints and caches")
+    fit.add_argument("--judge-steps", type=int, default=1500)
+    fit.add_argument("--vae-steps", type=int, default=1200)
+    fit.add_argument("--base-steps", type=int, default=3600)
+
+    ev = ts.add_parser("eval", help="judge accuracy and the unguarded base model's safety metrics")
+    ev.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ev.add_argument("--judge", type=Path, default=None, help="judge folder (default: MODEL-judge)")
+    ev.add_argument("--quick", action="store_true", help="fewer prompts (under 5 minutes on 2 cores)")
+    ev.add_argument("--images-per-prompt", type=int, default=4)
+    ev.add_argument("--prompts-per-group", type=int, default=None,
+                    help="override the number of evaluation prompts per group (quick: 15, full: 60)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    ev.add_argument("--grid", type=Path, default=None, help="write a PNG grid of sample images here")
+
+    sm = ts.add_parser("sample", help="render prompts with the PyTorch reference pipeline to a PNG grid")
+    sm.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    sm.add_argument("--prompt", action="append", required=True)
+    sm.add_argument("--n", type=int, default=4, help="images per prompt")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--steps", type=int, default=20)
+    sm.add_argument("--guidance", type=float, default=None)
+    sm.add_argument("--out", type=Path, required=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _tinyworld(sub)
+    args = parser.parse_args(argv)
+
+    if args.action == "fit":
+        from .tinyworld.fit import fit_all
+
+        fit_all(args.out, args.work, args.judge_steps, args.vae_steps, args.base_steps)
+    elif args.action == "eval":
+        from .tinyworld.evaluate import main as eval_main
+
+        return eval_main(args)
+    elif args.action == "sample":
+        from .tinyworld.evaluate import sample_main
+
+        return sample_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

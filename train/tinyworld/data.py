@@ -1,0 +1,58 @@
+"""Rendered tinyworld datasets as numpy arrays (images, foreground masks, judge labels, captions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .render import render
+from .world import BACKGROUNDS, COLOURS, KINDS, Scene, sample_split
+
+KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
+BACKGROUND_INDEX = {b: i for i, b in enumerate(BACKGROUNDS)}
+
+
+@dataclass
+class Rendered:
+    scenes: list[Scene]
+    images: np.ndarray      # (N, 64, 64, 3) uint8
+    foreground: np.ndarray  # (N, 64, 64) bool, union of object masks
+    kinds: np.ndarray       # (N, len(KINDS)) float32 multi-hot
+    colours: np.ndarray     # (N, len(COLOURS)) float32 multi-hot
+    background: np.ndarray  # (N,) int64
+
+    @property
+    def captions(self) -> list[str]:
+        return [s.caption for s in self.scenes]
+
+
+def labels(scene: Scene) -> tuple[np.ndarray, np.ndarray, int]:
+    kinds = np.zeros(len(KINDS), np.float32)
+    colours = np.zeros(len(COLOURS), np.float32)
+    for o in scene.objects:
+        kinds[KIND_INDEX[o.kind]] = 1
+        if o.colour:
+            colours[COLOUR_INDEX[o.colour]] = 1
+    return kinds, colours, BACKGROUND_INDEX[scene.background]
+
+
+def render_scenes(scenes: list[Scene], seed: int, desc: str = "render") -> Rendered:
+    n = len(scenes)
+    images = np.empty((n, 64, 64, 3), np.uint8)
+    fg = np.empty((n, 64, 64), bool)
+    kinds = np.empty((n, len(KINDS)), np.float32)
+    colours = np.empty((n, len(COLOURS)), np.float32)
+    bg = np.empty(n, np.int64)
+    for i, s in enumerate(tqdm(scenes, desc=desc, leave=False, mininterval=1.0)):
+        r = render(s, seed * 1_000_003 + i)
+        images[i] = r.image
+        fg[i] = np.any(r.masks, axis=0) if r.masks else False
+        kinds[i], colours[i], bg[i] = labels(s)
+    return Rendered(scenes, images, fg, kinds, colours, bg)
+
+
+def render_split(split: str, n: int, seed: int) -> Rendered:
+    return render_scenes(sample_split(split, n, seed), seed, desc=f"render {split}")
