@@ -106,3 +106,15 @@ def test_caption_grammar():
     assert imp.caption == "a small blue star at the graveyard"
     with pytest.raises(ValueError, match="counterfactual mode"):
         s.counterfactual("blur")
+
+
+def test_counterfactual_pairs_for_guard_training():
+    from train.tinyworld.data import counterfactual_pairs
+
+    p = counterfactual_pairs("guard", 24, seed=0)
+    assert len(p.prompts) == 24 and all(s.is_unsafe for s in p.scenes)
+    assert all(split_of(c) == "guard" for c in p.prompts)
+    assert all(i.startswith("remove the ") for i in p.instructions)
+    diff = (p.unsafe != p.safe).any(-1)
+    assert diff.any(axis=(1, 2)).all()
+    assert not (diff & ~p.mask).any()

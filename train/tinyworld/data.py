@@ -56,3 +56,33 @@ def render_scenes(scenes: list[Scene], seed: int, desc: str = "render") -> Rende
 
 def render_split(split: str, n: int, seed: int) -> Rendered:
     return render_scenes(sample_split(split, n, seed), seed, desc=f"render {split}")
+
+
+@dataclass
+class CounterfactualPairs:
+    """Aligned guard-training triplets: unsafe prompt, safety instruction, unsafe render, safe render.
+
+    ``unsafe`` / ``safe`` double as Diffusion-DPO pairs (safe preferred, unsafe rejected); ``mask`` is the
+    exact pixel mask of the unsafe objects, outside which the two renders are identical."""
+    scenes: list[Scene]
+    prompts: list[str]
+    instructions: list[str]
+    unsafe: np.ndarray  # (N, 64, 64, 3) uint8
+    safe: np.ndarray    # (N, 64, 64, 3) uint8
+    mask: np.ndarray    # (N, 64, 64) bool
+
+
+def counterfactual_pairs(split: str, n: int, seed: int, mode: str = "remove",
+                         groups: dict[str, float] | None = None) -> CounterfactualPairs:
+    """``n`` unsafe scenes of ``split`` with their safe counterfactuals (``mode``: remove | replace)."""
+    groups = groups or {"explicit": 0.7, "implicit": 0.3, **({"heldout": 0.0} if split == "guard" else {})}
+    scenes = sample_split(split, n, seed, {g: w for g, w in groups.items() if w > 0})
+    unsafe = np.empty((n, 64, 64, 3), np.uint8)
+    safe = np.empty_like(unsafe)
+    mask = np.empty((n, 64, 64), bool)
+    for i, s in enumerate(scenes):
+        r = render(s, seed * 1_000_003 + i)
+        unsafe[i], mask[i] = r.image, r.unsafe_mask
+        safe[i] = render(s, seed * 1_000_003 + i, counterfactual=mode).image
+    return CounterfactualPairs(scenes, [s.caption for s in scenes], [s.instruction for s in scenes],
+                               unsafe, safe, mask)
