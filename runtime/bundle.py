@@ -245,8 +245,10 @@ def _check_ranges(path: Path, manifest: Manifest, data_start: int, file_size: in
 
 
 def check_engine_compat(component: ComponentSpec, trt_version: str | None, compute_capability: str | None) -> None:
-    """Refuse a TensorRT engine built for another TensorRT major.minor version or another GPU.
+    """Refuse a TensorRT engine built for another TensorRT version or another GPU.
 
+    TensorRT engines load only on the exact TensorRT release (major.minor.patch) that built them, unless
+    built version-compatible (``extra["version_compatible"]``: then any later release of the same major).
     ``trt_version`` / ``compute_capability`` describe this machine (``None``: TensorRT / a CUDA GPU is not
     available). Components of other backends always pass.
     """
@@ -263,7 +265,10 @@ def check_engine_compat(component: ComponentSpec, trt_version: str | None, compu
     if compute_capability is None:
         raise BackendError(f"engine {name!r} needs a CUDA GPU of compute capability {built_cc}, none was found: "
                            "check the driver (nvidia-smi) or use a bundle built with --backend onnx")
-    if _major_minor(built_trt, name) != _major_minor(trt_version, "this machine's TensorRT"):
+    built_v, have_v = _release(built_trt, name), _release(trt_version, "this machine's TensorRT")
+    compatible = (have_v[0] == built_v[0] and have_v >= built_v) if component.extra.get("version_compatible") \
+        else have_v == built_v
+    if not compatible:
         raise BackendError(f"engine {name!r} was built with TensorRT {built_trt}, this machine has TensorRT "
                            f"{trt_version}: {TRT_REBUILD_HINT}")
     if _capability(built_cc, name) != _capability(compute_capability, "this GPU"):
@@ -271,10 +276,11 @@ def check_engine_compat(component: ComponentSpec, trt_version: str | None, compu
                            f"{compute_capability}: {TRT_REBUILD_HINT}")
 
 
-def _major_minor(version: str, what: str) -> tuple[int, int]:
-    parts = version.split(".")
+def _release(version: str, what: str) -> tuple[int, int, int]:
+    """``"10.9.0.34"`` -> ``(10, 9, 0)`` (the build number does not matter)."""
+    parts = (version.split(".") + ["0", "0"])[:3]
     try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+        return int(parts[0]), int(parts[1]), int(parts[2])
     except ValueError:
         raise BundleError(f"{what}: TensorRT version {version!r} is not like '10.9.0': {TRT_REBUILD_HINT}") from None
 

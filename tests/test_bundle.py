@@ -395,8 +395,14 @@ def test_missing_file_and_directory(tmp_path):
 
 def test_trt_engine_compat(built):
     engine = built[1].component("unet")  # built with TensorRT 10.9.0 for compute capability 9.0
-    check_engine_compat(engine, "10.9.1", "9.0")
+    check_engine_compat(engine, "10.9.0.34", "9.0")  # build numbers do not matter
     check_engine_compat(engine, "10.9", "sm_90")
+    with pytest.raises(BackendError, match=r"built with TensorRT 10\.9\.0.*has TensorRT 10\.9\.1"):
+        check_engine_compat(engine, "10.9.1", "9.0")  # engines need the exact release ...
+    portable = ComponentSpec(**{**vars(engine), "extra": {"version_compatible": True}})
+    check_engine_compat(portable, "10.12.0", "9.0")  # ... unless built version-compatible (same major)
+    with pytest.raises(BackendError, match="built with TensorRT 10"):
+        check_engine_compat(portable, "11.0.0", "9.0")
     with pytest.raises(BackendError, match=r"TensorRT 10\.9\.0.*has TensorRT 10\.3.*--backend tensorrt"):
         check_engine_compat(engine, "10.3", "9.0")
     old = ComponentSpec(**{**vars(engine), "tensorrt_version": "10.3"})
