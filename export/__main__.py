@@ -1,0 +1,59 @@
+"""``python -m export build --model DIR --out engines/NAME.plan [...]`` (exit codes: runtime/errors.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from runtime.errors import ExitCode, RuntimeToolError  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="diffusers model -> one .plan bundle (ONNX graphs or TensorRT engines)")
+    b.add_argument("--model", type=Path, required=True, help="local diffusers folder or .safetensors file")
+    b.add_argument("--out", type=Path, required=True, help="bundle to write, e.g. engines/sd15.plan")
+    b.add_argument("--backend", default="onnx", choices=("onnx", "tensorrt"))
+    b.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+                   help="all components (default: the build profile's per-component choice)")
+    b.add_argument("--height", type=int, default=None)
+    b.add_argument("--width", type=int, default=None)
+    b.add_argument("--dynamic-hw", action="store_true", help="graphs take any multiple-of-8 size")
+    b.add_argument("--batch", default=None, help="MIN:OPT:MAX prompts per call (TensorRT profile)")
+    b.add_argument("--profile", default=None, help="engines/profiles name or JSON path (default: the family's)")
+    b.add_argument("--guards", default="", help="comma list of guards to fuse (not available yet)")
+    b.add_argument("--exporter", choices=("dynamo", "legacy"), default=None)
+    b.add_argument("--timing-cache", type=Path, default=None)
+    b.add_argument("--config", type=Path, default=None, help="local diffusers folder for an original-layout checkpoint")
+    b.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default=None, help="override family detection")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .build import BuildOptions, build
+
+    opts = BuildOptions(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
+                        height=args.height, width=args.width, batch=args.batch, dynamic_hw=args.dynamic_hw,
+                        profile=args.profile, guards=[g for g in args.guards.split(",") if g],
+                        exporter=args.exporter, timing_cache=args.timing_cache, config=args.config,
+                        family=args.family)
+    try:
+        path = build(opts)
+    except RuntimeToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

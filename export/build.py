@@ -1,0 +1,219 @@
+"""Build a ``.plan`` bundle from a local diffusers model: export graphs, FP16, TensorRT, pack.
+
+Stages (one progress line each): load backbone -> export ONNX graphs -> FP16 conversion (per component, as
+the build profile or ``--precision`` says; graphs that refuse FP16, like SDXL's VAE, stay FP32) ->
+TensorRT engines (``--backend tensorrt``: sanitize + strongly typed build with one optimisation profile)
+-> tokenizer files -> write the bundle atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from runtime.errors import BackendError, BadInputError
+from runtime.manifest import Manifest
+
+from .bundle import onnx_component, tokenizer_components, write_bundle
+
+GUARDS = ("safeguider", "saferedir", "safepatch", "safectrl")
+KIND_OF_GRAPH = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "denoise": "denoise",
+                 "vae_decoder": "vae_decoder"}
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    out: Path
+    backend: str = "onnx"                 # onnx | tensorrt
+    precision: str | None = None          # fp32 | fp16 | None (= the build profile's per-component choice)
+    height: int | None = None
+    width: int | None = None
+    batch: str | None = None              # "MIN:OPT:MAX" prompts per call (TensorRT profile)
+    dynamic_hw: bool = False
+    profile: str | None = None            # engines/profiles/<name>.json or a path; default: the family's
+    guards: list[str] = field(default_factory=list)
+    exporter: str | None = None
+    timing_cache: Path | None = None
+    config: Path | None = None            # local diffusers folder for an original-layout checkpoint
+    family: str | None = None
+
+
+def _check_request(opts: BuildOptions) -> None:
+    """Reject what cannot be built before spending minutes on export."""
+    if opts.backend not in ("onnx", "tensorrt"):
+        raise BadInputError(f"--backend {opts.backend!r} is not one of onnx, tensorrt")
+    if opts.precision not in (None, "fp32", "fp16"):
+        raise BadInputError(f"--precision {opts.precision!r} is not one of fp32, fp16")
+    unknown = [g for g in opts.guards if g not in GUARDS]
+    if unknown:
+        raise BadInputError(f"--guards: unknown guard(s) {', '.join(unknown)} (known: {', '.join(GUARDS)})")
+    if opts.guards:
+        raise BadInputError(f"--guards {','.join(opts.guards)}: guard export is not available in this version "
+                            f"yet (SafeGuider/SafeRedir and SafePatch/SafeCtrl land with their issues); "
+                            f"build without --guards for the unguarded backbone")
+    for name, v in (("--height", opts.height), ("--width", opts.width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise BadInputError(f"{name} {v} must be a positive multiple of 8")
+    if opts.backend == "tensorrt":
+        from .tensorrt import gpu_available, tensorrt_available
+
+        for ok, reason in (tensorrt_available(), gpu_available()):
+            if not ok:
+                raise BackendError(f"--backend tensorrt: {reason}; or build with --backend onnx")
+    out = Path(opts.out)
+    if out.exists() and out.is_dir():
+        raise BadInputError(f"--out {out} is a directory; give a file name such as {out / 'model.plan'}")
+    if not out.parent.exists():
+        raise BadInputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+
+
+def _tokenizer_dirs(backbone, tmp: Path) -> list[tuple[str, Path]]:
+    """Write each tokenizer in CLIP layout (vocab.json + merges.txt) for the lean runtime."""
+    from train.families.single_file import saved_files
+
+    dirs = []
+    for spec in backbone.text_encoders:
+        d = tmp / spec.tokenizer_name
+        d.mkdir(parents=True, exist_ok=True)
+        for fname, text in saved_files(getattr(backbone.pipeline, spec.tokenizer_name)).items():
+            (d / fname).write_text(text, encoding="utf-8")
+        dirs.append((spec.tokenizer_name, d))
+    return dirs
+
+
+def build(opts: BuildOptions) -> Path:
+    """Build the bundle ``opts.out``; returns its path. Raises runtime.errors.* on bad input."""
+    import torch
+
+    from train.families import BackboneError, load_backbone
+
+    from .fp16 import FP16Refused, convert_to_fp16
+    from .graphs import DEFAULT_EXPORTER, export_all
+    from .tensorrt import load_build_profile, parse_batch
+
+    _check_request(opts)
+    t0 = time.perf_counter()
+    stages = ["load", "export", "precision"] + (["tensorrt"] if opts.backend == "tensorrt" else []) + ["bundle"]
+    bar = tqdm(total=len(stages), desc="build", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
+
+    def stage(msg):
+        bar.set_description(f"build: {msg}")
+
+    stage("loading backbone")
+    try:
+        backbone = load_backbone(opts.model, family=opts.family, config=opts.config, dtype=torch.float32)
+    except BackboneError as e:
+        raise BadInputError(str(e)) from None
+    try:
+        profile = load_build_profile(opts.profile or backbone.family)
+    except Exception as e:  # unknown profile name / broken JSON
+        raise BadInputError(f"--profile {opts.profile or backbone.family}: {e}") from None
+    height = opts.height or profile["image"]["height"]
+    width = opts.width or profile["image"]["width"]
+    batch = parse_batch(opts.batch or profile.get("batch", "1:1:4"))
+    exporter = opts.exporter or DEFAULT_EXPORTER
+    bar.update()
+
+    out = Path(opts.out)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as tmpdir:
+        tmp = Path(tmpdir)
+        stage("exporting ONNX graphs")
+        specs = export_all(backbone, tmp / "fp32", height=height, width=width, dynamic_hw=opts.dynamic_hw,
+                           exporter=exporter, progress=lambda m: stage(m))
+        bar.update()
+
+        stage("precision")
+        notes, graphs = {}, []  # (spec, onnx path, precision)
+        for spec in specs:
+            kind = KIND_OF_GRAPH[spec["name"]]
+            want = opts.precision or profile.get("precision", {}).get(kind, "fp32")
+            path, prec = Path(spec["path"]), "fp32"
+            if want == "fp16":
+                stage(f"fp16 {spec['name']}")
+                dst = tmp / "fp16" / f"{spec['name']}.onnx"
+                dst.parent.mkdir(exist_ok=True)
+                try:
+                    convert_to_fp16(path, dst)
+                    path, prec = dst, "fp16"
+                except FP16Refused as e:
+                    notes[spec["name"]] = str(e)
+            graphs.append((spec, path, prec))
+        bar.update()
+
+        components, payloads = [], {}
+        if opts.backend == "tensorrt":
+            from .sanitize import sanitize_onnx
+            from .tensorrt import build_engine, profile_from_flags
+
+            for spec, path, prec in graphs:
+                stage(f"tensorrt {spec['name']}")
+                clean = tmp / "trt" / f"{spec['name']}.onnx"
+                clean.parent.mkdir(exist_ok=True)
+                sanitize_onnx(path, clean)
+                shapes = profile_from_flags(spec["inputs"], batch, height, width, backbone.vae_scale_factor)
+                engine = tmp / "trt" / f"{spec['name']}.engine"
+                info = build_engine(clean, engine, profile=shapes, timing_cache=opts.timing_cache,
+                                    workspace_gb=profile.get("workspace_gb"))
+                comps, _ = onnx_component(spec["name"], KIND_OF_GRAPH[spec["name"]], clean, precision=prec)
+                graph = comps[0]  # I/O names and symbolic shapes come from the graph
+                for k, v in info.manifest_fields().items():
+                    setattr(graph, k, v)
+                graph.extra = {"device": info.device_name, "build_seconds": info.build_seconds}
+                components.append(graph)
+                payloads[graph.name] = engine
+            bar.update()
+        else:
+            for spec, path, prec in graphs:
+                comps, pays = onnx_component(spec["name"], KIND_OF_GRAPH[spec["name"]], path, precision=prec,
+                                             extra={"exporter": spec.get("exporter", exporter),
+                                                    **({"note": notes[spec["name"]]} if spec["name"] in notes else {})})
+                components += comps
+                payloads |= pays
+
+        stage("writing bundle")
+        tokenizers = []
+        for (name, d), enc in zip(_tokenizer_dirs(backbone, tmp / "tokenizers"), backbone.text_encoders):
+            comps, pays, entry = tokenizer_components(d, name=name, encoder=enc.name, bos_id=enc.bos_id,
+                                                      eos_id=enc.eos_id)
+            components += comps
+            payloads |= pays
+            tokenizers.append(entry)
+        manifest = Manifest(
+            family=backbone.family, components=components, tokenizers=tokenizers,
+            scheduler=json.loads(json.dumps(dict(backbone.scheduler.config), default=str)),
+            latent={"channels": backbone.latent_channels, "scale_factor": backbone.vae_scale_factor,
+                    "scaling_factor": backbone.vae_scaling_factor},
+            guards={},
+            defaults={"steps": profile["defaults"]["steps"], "guidance_scale": profile["defaults"]["guidance_scale"],
+                      "scheduler": profile["defaults"]["scheduler"], "height": height, "width": width,
+                      "prediction_type": backbone.prediction_type, "batch": list(batch),
+                      "dynamic_hw": opts.dynamic_hw},
+            created_by=_provenance(opts, exporter, profile, backbone),
+        )
+        path = write_bundle(out, manifest, payloads)
+        bar.update()
+    bar.set_description(f"build: done in {time.perf_counter() - t0:.1f} s")
+    bar.close()
+    return path
+
+
+def _provenance(opts: BuildOptions, exporter: str, profile: dict, backbone) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"tool": "python -m export build", "source": str(opts.model), "profile": profile.get("family"),
+            "exporter": exporter, "backend": opts.backend, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version(),
+            "versions": {p: version(p) for p in ("torch", "diffusers", "transformers", "onnx", "onnxruntime")}}

@@ -1,0 +1,123 @@
+"""``python -m export build`` end to end on tinyworld: fast, inspectable, tamper-evident, all-or-nothing."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.bundle import Bundle
+
+from .conftest import ROOT, TINYWORLD
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def tinyworld_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "tinyworld.plan"
+    t0 = time.perf_counter()
+    proc = _run("-m", "export", "build", "--model", str(TINYWORLD), "--profile", "tinyworld", "--out", str(out))
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"tinyworld bundle built in {seconds:.1f} s")
+    assert seconds < 120, f"build took {seconds:.0f} s (acceptance: under 2 minutes)"
+    return out
+
+
+def test_bundle_contents_and_info(tinyworld_plan):
+    with Bundle.open(tinyworld_plan) as b:
+        m = b.manifest
+        names = {c.name for c in m.components}
+        assert {"text_encoder", "denoise", "vae_decoder"} <= names
+        assert m.latent == {"channels": 4, "scale_factor": 4, "scaling_factor": pytest.approx(m.latent["scaling_factor"])}
+        assert m.tokenizers[0]["max_length"] == 16
+        assert m.defaults["height"] == 64 and m.defaults["steps"] == 20
+        text = m.component("text_encoder")
+        assert [t.shape for t in text.inputs] == [["B", 16]]
+        # the packed graph runs: text stage on a real prompt's ids
+        sess = ort.InferenceSession(bytes(b.payload("text_encoder")), providers=["CPUExecutionProvider"])
+        ids = np.full((3, 16), 662, np.int32)
+        ids[:, 0] = 661
+        hidden, eos = sess.run(["hidden", "eos"], {"input_ids": ids})
+        assert hidden.shape == (3, 16, 128) and eos.shape == (3, 128) and np.isfinite(hidden).all()
+    proc = _run("-m", "runtime", "info", str(tinyworld_plan))
+    assert proc.returncode == 0 and "denoise" in proc.stdout and "vae_decoder" in proc.stdout
+
+
+def _expect_bundle_error(path):
+    proc = _run("-m", "runtime", "info", str(path))
+    assert proc.returncode == 4, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_every_payload_is_tamper_evident(tinyworld_plan, tmp_path):
+    data = tinyworld_plan.read_bytes()
+    with Bundle.open(tinyworld_plan, verify=False) as b:
+        components = [(c.name, c.offset, c.size) for c in b.manifest.components]
+    for name, offset, size in components:
+        bad = bytearray(data)
+        bad[offset + size // 2] ^= 0xFF
+        p = tmp_path / "flipped.plan"
+        p.write_bytes(bad)
+        assert name in _expect_bundle_error(p)
+
+
+@pytest.mark.parametrize("damage", ["truncate_header", "truncate_payload", "magic", "version"])
+def test_damaged_bundle_is_refused(tinyworld_plan, tmp_path, damage):
+    data = bytearray(tinyworld_plan.read_bytes())
+    if damage == "truncate_header":
+        data = data[:20]
+    elif damage == "truncate_payload":
+        data = data[: len(data) - 1000]
+    elif damage == "magic":
+        data[:8] = b"NOTAPLAN"
+    else:
+        data[8:12] = (99).to_bytes(4, "little")
+    p = tmp_path / "damaged.plan"
+    p.write_bytes(bytes(data))
+    _expect_bundle_error(p)
+
+
+def _leftovers(folder, keep):
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--model", "/nonexistent/model"], 3, "does not exist"),
+    (["--model", str(TINYWORLD), "--guards", "safeguider"], 3, "guard"),
+    (["--model", str(TINYWORLD), "--guards", "nope"], 3, "unknown guard"),
+    (["--model", str(TINYWORLD), "--height", "60"], 3, "multiple of 8"),
+    (["--model", str(TINYWORLD), "--backend", "tensorrt"], 5, "tensorrt"),
+    (["--model", str(TINYWORLD), "--profile", "no-such-profile"], 3, "no-such-profile"),
+])
+def test_failed_build_writes_nothing_and_keeps_the_old_bundle(tmp_path, args, code, needle):
+    out = tmp_path / "model.plan"
+    out.write_bytes(b"previous bundle")
+    proc = _run("-m", "export", "build", *args, "--out", str(out))
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert needle.lower() in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"previous bundle"
+    assert _leftovers(tmp_path, {"model.plan"}) == []
+
+
+def test_fp16_build_of_a_tiny_fixture(tmp_path):
+    from train.families.fixtures import make_tiny
+
+    model = make_tiny("sd1", tmp_path / "sd1")
+    out = tmp_path / "sd1.plan"
+    proc = _run("-m", "export", "build", "--model", str(model), "--out", str(out), "--precision", "fp16",
+                "--height", "64", "--width", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Bundle.open(out) as b:
+        assert {c.precision for c in b.manifest.components if c.backend == "onnx"} == {"fp16"}
