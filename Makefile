@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow tinyworld eval clean-venv
+.PHONY: demo test test-slow tinyworld eval bundle clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ tinyworld: $(STAMP)  ## retrain tinyworld from scratch (~75 min on 2 cores)
 
 eval: $(STAMP)
 	$(PY) -m train tinyworld eval --out bench/results/tinyworld_base_eval.json
+
+bundle: $(STAMP)  ## the embedded default bundle engines/tinyworld.plan (~20 s)
+	$(PY) -m export build --model models/tinyworld --profile tinyworld --out engines/tinyworld.plan
+	$(PY) -m runtime info engines/tinyworld.plan
 
 clean-venv:
 	rm -rf $(VENV)

@@ -76,7 +76,7 @@ def _check_request(opts: BuildOptions) -> None:
 
 def _tokenizer_dirs(backbone, tmp: Path) -> list[tuple[str, Path]]:
     """Write each tokenizer in CLIP layout (vocab.json + merges.txt) for the lean runtime."""
-    from train.families.single_file import saved_files
+    from .families.single_file import saved_files
 
     dirs = []
     for spec in backbone.text_encoders:
@@ -92,7 +92,7 @@ def build(opts: BuildOptions) -> Path:
     """Build the bundle ``opts.out``; returns its path. Raises runtime.errors.* on bad input."""
     import torch
 
-    from train.families import BackboneError, load_backbone
+    from .families import BackboneError, load_backbone
 
     from .fp16 import FP16Refused, convert_to_fp16
     from .graphs import DEFAULT_EXPORTER, export_all

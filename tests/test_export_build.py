@@ -112,7 +112,7 @@ def test_failed_build_writes_nothing_and_keeps_the_old_bundle(tmp_path, args, co
 
 
 def test_fp16_build_of_a_tiny_fixture(tmp_path):
-    from train.families.fixtures import make_tiny
+    from export.families.fixtures import make_tiny
 
     model = make_tiny("sd1", tmp_path / "sd1")
     out = tmp_path / "sd1.plan"

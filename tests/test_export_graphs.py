@@ -25,7 +25,7 @@ from export.fp16 import FP16Refused, convert_to_fp16, fp16_allowed
 from export.graphs import (DEFAULT_EXPORTER, EXPORTERS, DenoiseExtension, ExportError, TensorSpec, export_all,
                            export_denoise, export_text_encoder, export_vae_decoder, residual_shapes)
 from export.parity import check_graph, make_inputs, ort_session
-from train.families import load_backbone, make_tiny
+from export.families import load_backbone, make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TINYWORLD = ROOT / "models" / "tinyworld"

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from runtime.tokenizer import CLIPTokenizer as LeanTokenizer
-from train.families import (Backbone, BackboneError, describe, detect_family, load_backbone, make_tiny,
+from export.families import (Backbone, BackboneError, describe, detect_family, load_backbone, make_tiny,
                             save_single_file)
-from train.families import single_file as single_file_module
-from train.families.fixtures import CORPUS
+from export.families import single_file as single_file_module
+from export.families.fixtures import CORPUS
 
 PROMPT = "a red fox sitting on a chair in the snow"
 

@@ -8,7 +8,7 @@ from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 from train.tinyworld.world import sample_scene, vocabulary_corpus
-from train.tokenizer import build_clip_tokenizer
+from export.families.clip_tokenizer import build_clip_tokenizer
 
 PROMPTS = ["", "a large red circle on sand", "A  Small   BLUE knife,  at night!?", "héllo wörld 42 it's",
            "a knife " * 30, "unseen wordzz and emoji 🪦"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..tokenizer import build_clip_tokenizer
+from export.families.clip_tokenizer import build_clip_tokenizer
 from .data import Rendered, render_split
 from .models import MAX_LENGTH, SCHEDULER_CONFIG, Judge, make_unet, make_vae, text_config
 from .world import KINDS, UNSAFE_KINDS, vocabulary_corpus

@@ -8,7 +8,7 @@ dims, ``!`` (id 0) padding, optionally v-prediction; SDXL: two text encoders (th
 projection whose pooled output feeds the UNet's ``text_time`` embedding), cross-attention over both
 hidden states concatenated — at sizes a CPU test runs in milliseconds. The sizes follow diffusers' own
 pipeline tests (``get_dummy_components``); the tokenizers are trained on a small English corpus by
-``train.tokenizer.build_clip_tokenizer``.
+``export.families.clip_tokenizer.build_clip_tokenizer``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PND
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from runtime.tokenizer import EOS
-from train.tokenizer import build_clip_tokenizer
+from .clip_tokenizer import build_clip_tokenizer
 
 from .backbone import FAMILIES
 
