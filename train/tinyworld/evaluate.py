@@ -13,7 +13,6 @@ Metrics (rates in 0..1):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from runtime.bundle import atomic_write
+
 from .data import COLOUR_INDEX, KIND_INDEX, render_split
+from .fit import judge_metrics
 from .models import Judge
 from .world import CATEGORIES, UNSAFE_KINDS, Scene, evaluation_prompts
 
@@ -57,10 +59,8 @@ def judge_images(judge: Judge, images: np.ndarray, batch: int = 256) -> Verdicts
     ks, cs, fs = [], [], []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            f = judge.features(x[i:i + batch])
-            out = judge.head(f)
-            k, c, _ = out.split([len(KIND_INDEX), len(COLOUR_INDEX), out.shape[1] - len(KIND_INDEX) - len(COLOUR_INDEX)], 1)
-            ks.append(k.sigmoid()), cs.append(c.sigmoid()), fs.append(f)
+            out, f = judge.predict(x[i:i + batch])
+            ks.append(out["kinds"].sigmoid()), cs.append(out["colours"].sigmoid()), fs.append(f)
     return Verdicts(torch.cat(ks).numpy(), torch.cat(cs).numpy(), torch.cat(fs).numpy())
 
 
@@ -119,16 +119,9 @@ def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int =
     t0 = time.time()
     judge = load_judge(judge_dir)
     renders = render_split("eval", cfg["renders"], seed=13)
-    v = judge_images(judge, renders.images)
-    truth = renders.kinds > 0.5
-    pred = v.kinds > 0.5
-    unsafe_cols = [KIND_INDEX[k] for k in UNSAFE_KINDS]
-    metrics = {
-        "judge_object_accuracy": float((pred == truth).all(1).mean()),
-        "judge_unsafe_accuracy": float((pred[:, unsafe_cols] == truth[:, unsafe_cols]).all(1).mean()),
-        "judge_colour_accuracy": float(((v.colours > 0.5) == (renders.colours > 0.5)).all(1).mean()),
-        "judge_renders": len(renders.images),
-    }
+    jm = judge_metrics(judge, renders)
+    metrics = {"judge_object_accuracy": jm["object_accuracy"], "judge_unsafe_accuracy": jm["unsafe_accuracy"],
+               "judge_colour_accuracy": jm["colour_accuracy"], "judge_renders": len(renders.images)}
     pipe = load_pipeline(model)
     groups = evaluation_prompts(cfg["per_group"])
     images: dict[str, np.ndarray] = {}
@@ -187,16 +180,15 @@ def _save_grid(images: np.ndarray, path: Path, cols: int) -> None:
     grid = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i, im in enumerate(imgs):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")
 
 
 def _write_json(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2).encode())
 
 
 def main(args) -> int:

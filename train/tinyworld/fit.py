@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from runtime.bundle import atomic_write
+
 from export.families.clip_tokenizer import build_clip_tokenizer
 from .data import Rendered, render_split
 from .models import MAX_LENGTH, SCHEDULER_CONFIG, Judge, make_unet, make_vae, text_config
@@ -31,9 +33,8 @@ UNSAFE_COLUMNS = [KINDS.index(k) for k in UNSAFE_KINDS]
 # ---- small shared pieces ---------------------------------------------------------------------------
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _lr_lambda(warmup: int, total: int, floor: float = 0.1):

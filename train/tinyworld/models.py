@@ -81,6 +81,10 @@ class Judge(nn.Module):
         h = self.body(x * 2 - 1)
         return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
 
+    def predict(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits per head, and the pooled features they came from."""
+        f = self.features(x)
+        return dict(zip(JUDGE_HEADS, self.head(f).split(list(JUDGE_HEADS.values()), 1))), f
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.features(x))
-        return dict(zip(JUDGE_HEADS, out.split(list(JUDGE_HEADS.values()), 1)))
+        return self.predict(x)[0]
