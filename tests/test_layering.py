@@ -34,7 +34,8 @@ def test_no_upstream_or_heavy_imports(package):
 
 
 def test_runtime_cli_process_never_loads_torch():
-    code = ("import sys, runtime.cli, runtime.bundle, runtime.tokenizer; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    code = ("import sys, runtime.cli, runtime.bundle, runtime.tokenizer, runtime.schedulers, runtime.backends; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'train', 'export', 'tensorrt') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
