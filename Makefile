@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow tinyworld eval bundle clean-venv
+.PHONY: demo demo-reference test test-slow tinyworld eval bundle clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,9 +14,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[cpu,train,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## render tinyworld prompts with the committed model
+PLAN   := engines/tinyworld.plan
+
+demo: $(STAMP) $(PLAN)  ## generate one image with the lean runtime from the embedded default bundle
 	@mkdir -p out
-	$(PY) -m train tinyworld sample --n 4 --out out/demo.png \
+	$(PY) -m runtime generate --prompt "a large red circle and a small knife on sand" \
+	  --out out/demo.png --report out/demo.json --overwrite
+	@echo "demo image: $(CURDIR)/out/demo.png (report: $(CURDIR)/out/demo.json)"
+
+$(PLAN): models/tinyworld/unet/diffusion_pytorch_model.safetensors | $(STAMP)
+	$(PY) -m export build --model models/tinyworld --profile tinyworld --out $(PLAN)
+
+demo-reference: $(STAMP)  ## render a grid of tinyworld prompts with the PyTorch reference (train package)
+	@mkdir -p out
+	$(PY) -m train tinyworld sample --n 4 --out out/demo-reference.png \
 	  --prompt "a large red circle on sand" --prompt "a small blue star and a large yellow heart at night" \
 	  --prompt "a large green ring and a large knife on grass" --prompt "a large purple moon at the graveyard"
 

@@ -2,6 +2,8 @@
 
     runtime info PLAN [--json] [--no-verify]   what is in a bundle (checks every payload's sha256)
     runtime unpack PLAN DIR [--force]          write each component as a raw file for trtexec / polygraphy
+    runtime generate --prompt TEXT [--engine PLAN] [--out PNG] [--report JSON] ...   generate images
+    runtime verify PLAN                        check the hashes and run every graph once (prints OK)
 
 Exit codes are documented in ``runtime/errors.py`` (0 ok, 2 usage, 3 bad input, 4 bundle, 5 backend,
 6 guard, 7 output, 130 interrupted). Errors print one line, ``error: <message>``, to stderr.
@@ -21,8 +23,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.bundle import Bundle
-from runtime.errors import ExitCode, OutputError, RuntimeToolError
+from runtime.bundle import Bundle, atomic_write
+from runtime.errors import BundleError, ExitCode, OutputError, RuntimeToolError
 from runtime.manifest import ComponentSpec, Manifest
 
 # -- info -----------------------------------------------------------------------------------------------------
@@ -158,6 +160,126 @@ def _replace_dir(staging: Path, dest: Path) -> None:
         raise OutputError(f"cannot move the unpacked files into {dest}: {e.strerror or e}; check permissions") from None
 
 
+# -- generate -------------------------------------------------------------------------------------------------
+
+DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "engines" / "tinyworld.plan"
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from runtime.backends import BACKENDS
+    from runtime.schedulers import SCHEDULERS
+
+    p.add_argument("--engine", type=Path, default=None, metavar="PLAN",
+                   help=f"the .plan bundle (default: {DEFAULT_PLAN}, built by `make bundle`)")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (the uncond half of CFG)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables CFG (default: the bundle's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, 0..4294967295 (default 0)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the bundle's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the bundle's)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--scheduler", default=None, metavar="{" + ",".join(SCHEDULERS) + "}",
+                   help="sampler (default: the bundle's); checked by the pipeline (exit 3 if unknown)")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_a, dpmpp_2m)")
+    p.add_argument("--backend", default="auto", metavar="{" + ",".join(BACKENDS) + "}",
+                   help="engine backend (default auto); exit 3 if unknown")
+    p.add_argument("--out", type=Path, default=None, metavar="PNG",
+                   help="output PNG (default out/<seed>.png); with --batch N > 1: NAME-0.png ... NAME-<N-1>.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the run report as JSON")
+
+
+def _plan_path(engine: Path | None) -> Path:
+    if engine is not None:
+        return engine
+    if not DEFAULT_PLAN.is_file():
+        raise BundleError(f"the default bundle {DEFAULT_PLAN} is missing: build it with `make bundle` (or pass "
+                          "--engine PLAN)")
+    return DEFAULT_PLAN
+
+
+def _output_paths(out: Path, batch: int) -> list[Path]:
+    if batch <= 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(batch)]
+
+
+def _prepare_output(path: Path, overwrite: bool) -> None:
+    from runtime.image import check_writable
+
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output folder {path.parent}: {e.strerror or e}; check permissions") from None
+    check_writable(path, overwrite)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from runtime.image import parameters_text, save_png
+    from runtime.pipeline import Pipeline
+
+    plan_path = _plan_path(args.engine)
+    out = args.out if args.out is not None else Path("out") / f"{args.seed}.png"
+    outputs = _output_paths(out, args.batch if isinstance(args.batch, int) else 1)
+    for path in outputs + ([args.report] if args.report else []):
+        _prepare_output(path, args.overwrite)  # fail before the (long) run, not after
+    with Pipeline.open(plan_path, backend=args.backend) as pipe:
+        bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=args.steps or pipe.defaults.get("steps"), desc="denoise", unit="step", leave=False)
+            except ImportError:
+                pass
+        try:
+            result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                                   guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                                   batch=args.batch, scheduler=args.scheduler, karras=args.karras,
+                                   callback=(lambda i, n, t: bar.update()) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    report = dict(result.report, plan=str(plan_path), outputs=[str(p) for p in outputs])
+    text = parameters_text(report)
+    for path, image in zip(outputs, result.images):
+        save_png(path, image, text, overwrite=args.overwrite)
+    if args.report:
+        try:
+            with atomic_write(args.report) as f:
+                f.write((json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        except OSError as e:
+            raise OutputError(f"cannot write {args.report}: {e.strerror or e}; check permissions") from None
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    ms = report["stages_ms"]
+    print(f"wrote {', '.join(str(p) for p in outputs)} ({report['width']}x{report['height']}, {report['steps']} "
+          f"steps {report['scheduler']}, seed {report['seed']}, {ms['total'] / 1000:.2f} s)")
+    return ExitCode.OK
+
+
+# -- verify ---------------------------------------------------------------------------------------------------
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    from runtime.backends import BACKENDS
+
+    p.add_argument("plan", type=Path, help="the .plan bundle")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="engine backend (default auto)")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from runtime.pipeline import Pipeline
+
+    with Pipeline.open(args.plan, backend=args.backend, verify=True) as pipe:  # every payload's sha256
+        result = pipe.generate("verify", steps=1)  # one step through every graph at the default size
+    ms = result.report["stages_ms"]
+    print(f"OK {args.plan}: hashes verified, one-step smoke run {result.report['width']}x"
+          f"{result.report['height']} in {ms['total']:.0f} ms")
+    return ExitCode.OK
+
+
 # -- entry point ----------------------------------------------------------------------------------------------
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -168,6 +290,8 @@ SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "info": ("show what a .plan bundle contains", add_info_arguments, run_info),
     "unpack": ("write a bundle's components as raw files (.onnx, .engine, tokenizer files)",
                add_unpack_arguments, run_unpack),
+    "generate": ("generate images from a prompt with a .plan bundle", add_generate_arguments, run_generate),
+    "verify": ("check a bundle's hashes and run its graphs once (prints OK)", add_verify_arguments, run_verify),
 }
 
 

@@ -1,0 +1,334 @@
+"""The lean text-to-image pipeline: tokenizer -> text encoder -> denoise loop (numpy samplers) -> VAE decoder.
+
+    pipe = Pipeline.open("engines/tinyworld.plan")          # bundle, tokenizer, engines: opened once
+    result = pipe.generate("a large red circle on sand", seed=0)
+    result.images[0]            # (H, W, 3) uint8 numpy array
+    result.pil()[0]             # the same as a PIL image (Pillow imported on demand)
+    result.report               # settings, truncation warnings, per-stage timings in ms, guards
+    pipe.close()
+
+Sampling follows diffusers' StableDiffusionPipeline:
+
+* classifier-free guidance with the UNet batch ``[uncond; cond]`` (the negative prompt's embedding is the
+  uncond half) and ``noise_pred = uncond + guidance * (cond - uncond)``; ``guidance <= 1`` disables CFG and
+  only the cond half runs;
+* the initial noise is ``np.random.default_rng(seed).standard_normal((batch, C, h, w), dtype=np.float32)``
+  (unit noise; the sampler multiplies it by the scheduler's ``init_noise_sigma``, as diffusers does with
+  ``latents=``), and euler_a's ancestral noise of every step is drawn afterwards from the same generator,
+  ``rng.standard_normal((batch, C, h, w), dtype=np.float32)`` once per step. :func:`initial_noise` and
+  :func:`ancestral_noise` reproduce both for reference comparisons.
+
+Thread safety: a :class:`Pipeline` keeps no per-call state, and ONNX Runtime sessions are thread-safe, so one
+ONNX Runtime pipeline may serve concurrent :meth:`Pipeline.generate` calls. TensorRT engines of one bundle
+share one activation buffer and CUDA stream: serialise calls on a TensorRT pipeline (e.g. with a lock).
+:meth:`Pipeline.close` must not race with ``generate``.
+
+Families: SD 1.x-structured bundles (one CLIP text encoder; ``sd1``, ``sd2``, ``tinyworld``). SDXL (two
+encoders, ``text_embeds``/``time_ids``) is refused with a BundleError; the place to add it is
+:meth:`Pipeline._encode`, which returns every conditioning feed of the denoise graph.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from runtime.backends import close_engines, open_engines
+from runtime.bundle import Bundle
+from runtime.errors import BadInputError, BundleError
+from runtime.schedulers import KARRAS_SCHEDULERS, SCHEDULERS, plan as make_plan, sample
+from runtime.tokenizer import CLIPTokenizer, TokenizerError
+
+MAX_PROMPT_CHARS = 10_000
+MAX_STEPS = 1000
+MAX_SEED = 2**32 - 1
+SDXL_MESSAGE = "SDXL bundles are not supported by this runtime version yet: use an SD 1.x/2.x bundle"
+
+StepCallback = Callable[[int, int, float], None]  # (step index, total steps, timestep)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.random.Generator, np.ndarray]:
+    """The generator of ``seed`` and the unit noise x_T it draws first (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    return rng, rng.standard_normal(shape, dtype=np.float32)
+
+
+def ancestral_noise(seed: int, shape: tuple[int, ...], steps: int) -> np.ndarray:
+    """The ``(steps, *shape)`` ancestral noises euler_a adds, as :meth:`Pipeline.generate` draws them."""
+    rng, _ = initial_noise(seed, shape)
+    return np.stack([rng.standard_normal(shape, dtype=np.float32) for _ in range(steps)])
+
+
+@dataclass
+class Result:
+    images: list[np.ndarray]  # (H, W, 3) uint8, one per batch item
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def pil(self) -> list:
+        """The images as ``PIL.Image`` objects (Pillow is imported only here)."""
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in self.images]
+
+
+class Pipeline:
+    """An opened bundle ready to generate: tokenizer, engines and defaults (see the module docstring)."""
+
+    def __init__(self, bundle: Bundle, engines: dict[str, Any], tokenizer: CLIPTokenizer, backend: str):
+        self.bundle, self.engines, self.tokenizer, self.backend = bundle, engines, tokenizer, backend
+        m = bundle.manifest
+        self.defaults = dict(m.defaults)
+        self.scheduler_config = dict(m.scheduler)
+        self.channels = int(m.latent["channels"])
+        self.vae_factor = int(m.latent["scale_factor"])
+        sample_spec = m.component("denoise").inputs[0].shape  # (N, C, h, w)
+        self.static_hw = (None if not all(isinstance(d, int) for d in sample_spec[2:])
+                          else (sample_spec[2] * self.vae_factor, sample_spec[3] * self.vae_factor))
+        self.dynamic_hw = bool(self.defaults.get("dynamic_hw", False)) or self.static_hw is None
+        self.latent_multiple = _latent_multiple(m, engines["denoise"])
+        self.max_batch = int((self.defaults.get("batch") or [1, 1, 1])[-1])
+
+    # -- opening ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, plan_path: str | Path, backend: str = "auto", verify: bool = True) -> Pipeline:
+        """Open (and with ``verify`` hash-check) the bundle, its tokenizer and engines."""
+        bundle = Bundle.open(plan_path, verify=verify)
+        try:
+            _check_family(bundle)
+            tokenizer = _load_tokenizer(bundle)
+            engines = open_engines(bundle, backend)
+        except BaseException:
+            bundle.close()
+            raise
+        return cls(bundle, engines, tokenizer, backend)
+
+    def close(self) -> None:
+        close_engines(self.engines)
+        self.bundle.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        return {name: list(getattr(e, "providers", [getattr(e, "backend", "?")])) for name, e in self.engines.items()}
+
+    # -- generating ---------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+                 batch: int = 1, scheduler: str | None = None, karras: bool = False,
+                 callback: StepCallback | None = None) -> Result:
+        """Generate ``batch`` images for ``prompt``; None arguments take the bundle's defaults.
+
+        ``callback(i, steps, t)`` runs after every denoising step. BadInputError on a bad argument."""
+        t_start = time.perf_counter()
+        steps = self.defaults.get("steps", 20) if steps is None else steps
+        guidance = self.defaults.get("guidance_scale", 7.5) if guidance is None else guidance
+        scheduler = self.defaults.get("scheduler", "ddim") if scheduler is None else scheduler
+        height = self._default_size(0) if height is None else height
+        width = self._default_size(1) if width is None else width
+        self._validate(prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler, karras)
+        steps, seed, batch, height, width = int(steps), int(seed), int(batch), int(height), int(width)
+        guidance, cfg = float(guidance), float(guidance) > 1.0
+        ms: dict[str, Any] = {}
+
+        t0 = time.perf_counter()
+        prompts = [negative_prompt, prompt] if cfg else [prompt]
+        enc = self.tokenizer(prompts)
+        ms["tokenize"] = _ms(t0)
+
+        t0 = time.perf_counter()
+        cond = self._encode(enc.input_ids, batch)
+        ms["text_encoder"] = _ms(t0)
+
+        t0 = time.perf_counter()
+        latent = self._denoise(cond, cfg, guidance, steps, scheduler, karras, seed, batch, height, width,
+                               callback, ms)
+        ms["denoise_total"] = _ms(t0)
+
+        t0 = time.perf_counter()
+        images = self._decode(latent)
+        ms["vae_decoder"] = _ms(t0)
+        ms["total"] = _ms(t_start)
+
+        truncated = dict(zip(["negative_prompt", "prompt"] if cfg else ["prompt"], enc.truncated))
+        warnings = {k: f"{k} is {n} tokens, longer than the {self.tokenizer.max_length}-token limit: truncated"
+                    for (k, t), n in zip(truncated.items(), enc.lengths) if t}
+        report = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+                  "guidance": guidance, "scheduler": scheduler, "karras": karras, "height": height, "width": width,
+                  "batch": batch, "model": self.bundle.path.name, "family": self.bundle.manifest.family,
+                  "backend": self.backend, "providers": self.providers, "truncated": truncated,
+                  "warnings": list(warnings.values()), "stages_ms": ms, "guards": {}}
+        return Result(images, report)
+
+    def _default_size(self, axis: int) -> int:
+        key = "height" if axis == 0 else "width"
+        if key in self.defaults:
+            return int(self.defaults[key])
+        return self.static_hw[axis] if self.static_hw else 512
+
+    # -- stages -------------------------------------------------------------------------------------------
+
+    def _encode(self, input_ids: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+        """Text encoder -> the denoise graph's conditioning feeds for the UNet batch (``[uncond; cond]``
+        repeated per image). SDXL would add the second encoder, ``text_embeds`` and ``time_ids`` here."""
+        hidden = self.engines["text_encoder"].infer({"input_ids": input_ids})["hidden"]
+        return {"encoder_hidden_states": np.ascontiguousarray(np.repeat(hidden, batch, axis=0))}
+
+    def _denoise(self, cond: dict[str, np.ndarray], cfg: bool, guidance: float, steps: int, scheduler: str,
+                 karras: bool, seed: int, batch: int, height: int, width: int,
+                 callback: StepCallback | None, ms: dict[str, Any]) -> np.ndarray:
+        try:
+            plan = make_plan(scheduler, self.scheduler_config, steps, karras=karras)
+        except ValueError as e:  # the arguments are already valid: the bundle's scheduler config is not
+            raise BundleError(f"{self.bundle.path}: scheduler {scheduler!r} cannot run this bundle's scheduler "
+                              f"config ({e}): pick another scheduler or rebuild the bundle") from None
+        shape = (batch, self.channels, height // self.vae_factor, width // self.vae_factor)
+        rng, noise = initial_noise(seed, shape)
+        denoise = self.engines["denoise"]
+
+        def model_fn(x: np.ndarray, t: np.float32) -> np.ndarray:
+            x_in = np.concatenate([x, x]) if cfg else x
+            out = denoise.infer({"sample": np.ascontiguousarray(x_in, dtype=np.float32),
+                                 "timestep": np.array([t], dtype=np.float32), **cond})["noise_pred"]
+            if not cfg:
+                return out
+            uncond, text = out[:batch], out[batch:]
+            return uncond + np.float32(guidance) * (text - uncond)
+
+        def noise_fn(i: int, noise_shape: tuple) -> np.ndarray:
+            return rng.standard_normal(noise_shape, dtype=np.float32)
+
+        per_step: list[float] = []
+        last = [time.perf_counter()]
+
+        def on_step(i: int, t: float, x: np.ndarray) -> None:
+            now = time.perf_counter()
+            per_step.append(round((now - last[0]) * 1000, 3))
+            last[0] = now
+            if callback is not None:
+                callback(i, steps, t)
+
+        ms["denoise_steps"] = per_step
+        return sample(plan, model_fn, noise, noise_fn=noise_fn, callback=on_step)
+
+    def _decode(self, latent: np.ndarray) -> list[np.ndarray]:
+        image = self.engines["vae_decoder"].infer({"latent": np.ascontiguousarray(latent, dtype=np.float32)})["image"]
+        # diffusers' numpy_to_pil: (x * 255).round() of the [0, 1] image
+        u8 = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in u8]
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    def _validate(self, prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler, karras):
+        _check_text("prompt", prompt, allow_empty=False)
+        _check_text("negative_prompt", negative_prompt, allow_empty=True)
+        _check_int("steps", steps, 1, min(MAX_STEPS, int(self.scheduler_config.get("num_train_timesteps", 1000))),
+                   "e.g. 20")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(guidance)) or float(guidance) < 0:
+            raise BadInputError(f"guidance {guidance!r} must be a finite number >= 0 (e.g. 5.0; <= 1 disables "
+                                "classifier-free guidance)")
+        _check_int("seed", seed, 0, MAX_SEED, "e.g. 0")
+        _check_int("batch", batch, 1, self.max_batch, f"this bundle takes 1..{self.max_batch} images per call")
+        for name, value, axis in (("height", height, 0), ("width", width, 1)):
+            self._check_side(name, value, axis)
+        if scheduler not in SCHEDULERS:
+            raise BadInputError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(karras, bool):
+            raise BadInputError(f"karras {karras!r} must be True or False")
+        if karras and scheduler not in KARRAS_SCHEDULERS:
+            raise BadInputError(f"karras sigmas do not apply to scheduler {scheduler!r}: use one of "
+                                f"{', '.join(KARRAS_SCHEDULERS)} or drop karras")
+
+    def _check_side(self, name: str, value: Any, axis: int) -> None:
+        if not self.dynamic_hw and self.static_hw:
+            allowed = self.static_hw[axis]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value != allowed:
+                raise BadInputError(f"{name} {value!r} is not supported: this bundle's graphs are static, {name} "
+                                    f"must be {allowed} (rebuild with `python -m export build --dynamic-hw` for "
+                                    "other sizes)")
+            return
+        step = self.vae_factor * self.latent_multiple
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < step or value % step:
+            raise BadInputError(f"{name} {value!r} must be a positive multiple of {step} (VAE factor "
+                                f"{self.vae_factor} x UNet multiple {self.latent_multiple}), e.g. "
+                                f"{max(step, round(value / step) * step) if isinstance(value, int) else step}")
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _check_text(name: str, text: Any, allow_empty: bool) -> None:
+    if not isinstance(text, str):
+        raise BadInputError(f"{name} must be a string, got {type(text).__name__}: pass text")
+    if "\x00" in text:
+        raise BadInputError(f"{name} contains a NUL character: remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"{name} is not valid UTF-8 (undecodable bytes): pass UTF-8 text") from None
+    if not allow_empty and not text.strip():
+        raise BadInputError(f"{name} is empty: pass a non-empty {name}, e.g. --prompt \"a red circle\"")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadInputError(f"{name} is {len(text)} characters, more than the {MAX_PROMPT_CHARS} allowed: "
+                            "shorten it (only the first tokens are used anyway)")
+
+
+def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise BadInputError(f"{name} {value!r} must be an integer in {low}..{high}: {hint}")
+
+
+def _latent_multiple(manifest, denoise_engine) -> int:
+    """Latent sides must be multiples of the UNet's downsampling, 2**(levels - 1): from the manifest, else the
+    ONNX graph's ``grt.latent_multiple`` metadata (export/graphs.py), else 8 (SD 1.x/2.x/XL)."""
+    value = manifest.latent.get("multiple") or manifest.component("denoise").extra.get("latent_multiple")
+    if value is None:
+        try:
+            value = denoise_engine.session.get_modelmeta().custom_metadata_map.get("grt.latent_multiple")
+        except AttributeError:  # not an ONNX Runtime engine
+            value = None
+    try:
+        return max(1, int(value)) if value is not None else 8
+    except (TypeError, ValueError):
+        return 8
+
+
+def _check_family(bundle: Bundle) -> None:
+    m = bundle.manifest
+    denoise_inputs = {t.name for t in m.component("denoise").inputs}
+    if m.family == "sdxl" or len(m.tokenizers) > 1 or {"text_embeds", "time_ids"} & denoise_inputs:
+        raise BundleError(f"{bundle.path}: {SDXL_MESSAGE}")
+    if len(m.tokenizers) != 1:
+        raise BundleError(f"{bundle.path} has no tokenizer entry in its manifest: rebuild it with "
+                          "`python -m export build`")
+    for name in ("text_encoder", "denoise", "vae_decoder"):
+        m.component(name)  # BundleError naming the missing component
+
+
+def _load_tokenizer(bundle: Bundle) -> CLIPTokenizer:
+    """Extract the tokenizer files (hash-checked) to a private temporary folder, load them, remove the folder."""
+    entry = bundle.manifest.tokenizers[0]
+    with tempfile.TemporaryDirectory(prefix="grt-tokenizer-") as d:
+        for filename, component in entry["files"].items():
+            bundle.extract(component, Path(d) / filename)
+        try:
+            return CLIPTokenizer(d, max_length=entry.get("max_length"))
+        except (TokenizerError, ValueError, KeyError) as e:
+            raise BundleError(f"{bundle.path}: the tokenizer files cannot be loaded ({e}): rebuild the bundle") from None
