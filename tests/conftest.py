@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,20 @@ def tinyworld_dir() -> Path:
 def judge_dir() -> Path:
     assert (TINYWORLD_JUDGE / "judge.safetensors").is_file(), f"committed judge missing at {TINYWORLD_JUDGE}"
     return TINYWORLD_JUDGE
+
+
+@pytest.fixture(scope="session")
+def tinyworld_build(tmp_path_factory, tinyworld_dir) -> tuple[Path, float]:
+    """The tinyworld ONNX bundle built once per test session with the real CLI, and the seconds it took."""
+    out = tmp_path_factory.mktemp("plan") / "tinyworld.plan"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(tinyworld_dir), "--profile",
+                           "tinyworld", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def tinyworld_plan(tinyworld_build) -> Path:
+    return tinyworld_build[0]

@@ -34,19 +34,6 @@ requires_tensorrt = pytest.mark.skipif(not _TRT_OK, reason=f"needs TensorRT >= 1
 # -- fixtures ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tinyworld_plan(tmp_path_factory) -> Path:
-    """The tinyworld ONNX bundle, built once for this module (~20 s)."""
-    if not (TINYWORLD / "model_index.json").is_file():
-        pytest.skip(f"committed tinyworld model missing at {TINYWORLD}; retrain with `python -m train tinyworld fit`")
-    out = tmp_path_factory.mktemp("backends") / "tinyworld.plan"
-    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(TINYWORLD), "--profile",
-                           "tinyworld", "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def bundle(tinyworld_plan):
     with Bundle.open(tinyworld_plan) as b:
         yield b
