@@ -1,0 +1,29 @@
+"""``python -m bench <command>``: measurements of the lean runtime.
+
+    python -m bench latency --engine engines/tinyworld.plan [--baseline PLAN] [--reference MODEL_DIR] \
+        [--prompt-set benign|unsafe] [--runs N] [--warmup K] [--quick] --out bench/results/latency.json
+
+(``safety`` is the next subcommand to add here.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    from bench import latency
+
+    latency.add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
