@@ -19,7 +19,9 @@ MODEL = ROOT / "models" / "tinyworld"
 WEIGHTS = ROOT / "models" / "guards" / "tinyworld" / "safectrl"
 PLAN = ROOT / "engines" / "tinyworld_safectrl.plan"
 UNSAFE = "a small knife and a large blue star on grass"
-BENIGN = "a large red circle and a small green square on sand"
+# a benign prompt the detector leaves alone at seed 3 (about 7% of benign images do blend at tau 0.07: the
+# bench's "identical" column; "a large red circle and a small green square on sand" is one of them)
+BENIGN = "a small purple heart and a large orange ring on grass"
 
 torch = pytest.importorskip("torch")
 if not (WEIGHTS / "config.json").is_file():
@@ -70,6 +72,7 @@ def reference_generate(backbone, safectrl, prompt: str, seed: int, steps: int = 
     ext = SafeCtrlExtension(safectrl, (16, 16))
     start = int(math.ceil(safectrl.config["start_step_fraction"] * steps - 1e-9))
     state = torch.zeros(2, 1, 16, 16)
+    latch, latched = safectrl.config.get("latch_threshold"), None
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
         for i, t in enumerate(sched.timesteps):
@@ -78,7 +81,13 @@ def reference_generate(backbone, safectrl, prompt: str, seed: int, steps: int = 
             ext.before_unet(inputs, {})
             eps = pipe.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             eps, out = ext.after_unet(inputs, eps)
-            state = out["safectrl_mask"][1:].repeat(2, 1, 1, 1)  # the cond row's mask for both rows (runtime)
+            cond_mask = out["safectrl_mask"][1:]  # the cond row's mask (runtime: mask_rows "cond")
+            if latch is not None and i + 1 >= start:  # hysteresis, as the runtime
+                held = torch.where(cond_mask >= latch, cond_mask, torch.zeros_like(cond_mask))
+                latched = held if latched is None else torch.maximum(latched, held)
+                cond_mask = torch.maximum(cond_mask, latched)
+            uncond_mask = cond_mask if safectrl.config["blend_uncond"] else torch.zeros_like(cond_mask)
+            state = torch.cat([uncond_mask, cond_mask])
             uncond, cond = eps.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
@@ -99,10 +108,11 @@ def test_zero_mask_bit_identical_pytorch(parts):
     backbone, safectrl, base = parts
     x, t, emb = _inputs(backbone)
     ext = SafeCtrlExtension(safectrl, (16, 16))
+    tau = float(safectrl.config["mask_threshold"])
     with torch.no_grad():
         want = base(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         for mask, active in ((torch.zeros(2, 1, 16, 16), 1.0), (torch.full((2, 1, 16, 16), 0.9), 0.0),
-                             (torch.full((2, 1, 16, 16), 0.1), 1.0)):  # below tau: exactly 0
+                             (torch.full((2, 1, 16, 16), 0.5 * tau), 1.0)):  # below tau: exactly 0
             inputs = {"safectrl_mask_prev": mask, "safectrl_active": torch.tensor([active])}
             ext.before_unet(inputs, {})
             got = backbone.unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
@@ -115,6 +125,25 @@ def test_zero_mask_bit_identical_pytorch(parts):
         got = backbone.unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         ext.after_unet(inputs, got)
         assert not torch.equal(got, want)
+
+
+def test_merged_attention_equals_two_attentions(parts):
+    """The exported graph computes Z and Z' as one attention over 2 x heads: the same values as the stock
+    explicit processor's attention and the parallel W_K'/W_V' one, computed separately."""
+    backbone, safectrl, _ = parts
+    modules = dict(backbone.unet.named_modules())
+    x, _, emb = _inputs(backbone)
+    for proc in safectrl.processors.values():
+        attn = modules[proc.name.rsplit(".processor", 1)[0]]
+        hidden = torch.randn(2, 17, attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            query = attn.to_q(hidden)
+            both = proc._attend_both(attn, query, emb)
+            z, z_safe = proc._merge_heads(both[:, 0]), proc._merge_heads(both[:, 1])
+            want_z = proc._attend(attn, query, attn.to_k(emb), attn.to_v(emb), 2, explicit=True)
+            want_safe = proc._attend(attn, query, proc.to_k_safe(emb), proc.to_v_safe(emb), 2, explicit=True)
+        torch.testing.assert_close(z, want_z, rtol=0, atol=1e-6)
+        torch.testing.assert_close(z_safe, want_safe, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

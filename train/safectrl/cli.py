@@ -29,15 +29,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage1-lr", type=float, default=2e-3)
     p.add_argument("--lambda-ce", type=float, default=1.0)
     p.add_argument("--lambda-mse", type=float, default=10.0)
-    p.add_argument("--stage2-steps", type=int, default=200)
+    p.add_argument("--stage2-steps", type=int, default=1500)
     p.add_argument("--stage2-batch", type=int, default=16)
     p.add_argument("--stage2-lr", type=float, default=5e-3)
     p.add_argument("--beta", type=float, default=5000.0, help="Diffusion-DPO beta (Wallace et al.: 5000 for SD)")
-    p.add_argument("--sft-weight", type=float, default=1.0, help="SFT term on the preferred sample (0: pure DPO)")
+    p.add_argument("--sft-weight", type=float, default=1.0,
+                   help="redirect term: the rejected sample denoised towards the preferred one (0: pure DPO)")
+    p.add_argument("--stage2-t-max", type=int, default=1000,
+                   help="stage 2 trains on t < this (the guidance block acts from step 20%% on, t ~ 750 at 20 steps)")
+    p.add_argument("--uncond-prob", type=float, default=0.0,
+                   help="share of stage-2 pairs with the empty prompt (only useful with blend_uncond: true, where the "
+                        "CFG unconditional row is blended too)")
     p.add_argument("--start-step-fraction", type=float, default=0.2,
                    help="suppression from step ceil(F * steps) (run-time config; chosen by a reference sweep)")
-    p.add_argument("--mask-threshold", type=float, default=0.25, help="tau of the hard threshold (run-time config)")
+    p.add_argument("--mask-threshold", type=float, default=0.07, help="tau of the hard threshold (run-time config)")
     p.add_argument("--mask-gain", type=float, default=10.0, help="blend weight min(1, gain * M_bar) above tau")
+    p.add_argument("--latch-threshold", type=float, default=0.5,
+                   help="run-time hysteresis: pixels whose smoothed mask reached it keep blending (run-time config)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,10 +10,15 @@ counterfactuals under the same unsafe prompt (mask 0) and benign renders (mask 0
 Stage 2, Safety Guidance Block: Diffusion-DPO (Wallace et al. 2023) on (x_w = safe counterfactual, x_l =
 unsafe render, c = unsafe prompt), same t and noise for both:
 ``-log sigmoid(-beta/2 * ((|eps - eps_th(x_w)|^2 - |eps - eps_ref(x_w)|^2) - (|eps - eps_th(x_l)|^2 -
-|eps - eps_ref(x_l)|^2)))`` (squared errors averaged per sample), plus ``sft_weight * |eps - eps_th(x_w)|^2``
-(an SFT regulariser on the preferred sample; 0 gives pure DPO). eps_th is the UNet with the Safety Guidance
-processors blending by the GROUND-TRUTH latent mask during training (the detector's mask at run time);
-eps_ref is the frozen UNet. Only W_K', W_V' train.
+|eps - eps_ref(x_l)|^2)))`` (squared errors averaged per sample), plus ``sft_weight`` x a redirect term on
+the REJECTED sample: at run time the guidance block acts on a trajectory that already holds the unsafe
+concept, so on ``x_t = add_noise(x_l)`` the blended UNet is supervised towards the noise that denoises to the
+safe counterfactual, ``eps* = (x_t - sqrt(abar_t) x_w) / sqrt(1 - abar_t)`` (equal to ``eps`` outside the
+mask, where x_w == x_l), weighted ``min(SNR_t, gamma) / SNR_t`` (min-SNR: an x0-space error at low noise,
+where eps* would blow up). ``sft_weight 0`` gives pure DPO. A share ``uncond_prob`` of the pairs uses the
+empty prompt's embedding: with CFG the runtime blends the unconditional row with the same mask, so it must
+be trained too. eps_th is the UNet with the Safety Guidance processors blending by the GROUND-TRUTH latent
+mask during training (the detector's mask at run time); eps_ref is the frozen UNet. Only W_K', W_V' train.
 """
 
 from __future__ import annotations
@@ -156,7 +161,7 @@ def train_stage1(safectrl, feats: dict, *, steps, batch, lr, lambda_ce, lambda_m
     return log
 
 
-def dpo_loss(unet, safectrl, scheduler, lat_w, lat_l, emb, mask, t, noise, beta, sft_weight):
+def dpo_loss(unet, safectrl, scheduler, lat_w, lat_l, emb, mask, t, noise, beta, sft_weight, snr_gamma=5.0):
     x_w, x_l = scheduler.add_noise(lat_w, noise, t), scheduler.add_noise(lat_l, noise, t)
     x = torch.cat([x_w, x_l])
     tt, ee = torch.cat([t, t]), torch.cat([emb, emb])
@@ -174,13 +179,18 @@ def dpo_loss(unet, safectrl, scheduler, lat_w, lat_l, emb, mask, t, noise, beta,
     n = len(lat_w)
     diff_w, diff_l = err_th[:n] - err_ref[:n], err_th[n:] - err_ref[n:]
     inside = -0.5 * beta * (diff_w - diff_l)
-    loss = -F.logsigmoid(inside).mean() + sft_weight * err_th[:n].mean()
+    abar = scheduler.alphas_cumprod.to(lat_w.device)[t].reshape(-1, 1, 1, 1)
+    redirect = (x_l - abar.sqrt() * lat_w) / (1 - abar).sqrt()          # the noise that denoises x_l to x_w
+    snr = (abar / (1 - abar)).flatten()
+    weight = snr.clamp(max=snr_gamma) / snr
+    err_redirect = ((pred[n:] - redirect).pow(2).mean(dim=(1, 2, 3)) * weight).mean()
+    loss = -F.logsigmoid(inside).mean() + sft_weight * err_redirect
     acc = (inside > 0).float().mean()
-    return loss, acc, diff_w.mean(), diff_l.mean()
+    return loss, acc, diff_w.mean(), diff_l.mean(), err_redirect
 
 
-def train_stage2(unet, safectrl, scheduler, pairs, *, steps, batch, lr, beta, sft_weight, t_max, ckpt: Path,
-                 resume: bool, seed=0) -> list:
+def train_stage2(unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, lr, beta, sft_weight, t_max,
+                 uncond_prob, ckpt: Path, resume: bool, seed=0) -> list:
     acc = Accelerator(cpu=True)
     params = list(safectrl.processors.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -194,19 +204,22 @@ def train_stage2(unet, safectrl, scheduler, pairs, *, steps, batch, lr, beta, sf
         idx = torch.randint(0, n, (batch,), generator=g)
         t = torch.randint(0, t_max, (batch,), generator=g)
         noise = torch.randn(pairs["lat_unsafe"][idx].shape, generator=g)
+        emb = pairs["emb"][idx].clone()
+        emb[torch.rand(batch, generator=g) < uncond_prob] = empty_emb  # the CFG unconditional row, also blended
         warm = min(1.0, (step + 1) / 20)
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss, accuracy, dw, dl = dpo_loss(unet, safectrl, scheduler, pairs["lat_safe"][idx], pairs["lat_unsafe"][idx],
-                                          pairs["emb"][idx], pairs["mask"][idx], t, noise, beta, sft_weight)
+        loss, accuracy, dw, dl, red = dpo_loss(unet, safectrl, scheduler, pairs["lat_safe"][idx],
+                                               pairs["lat_unsafe"][idx], emb, pairs["mask"][idx], t, noise, beta,
+                                               sft_weight)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             log.append({"stage": 2, "step": step, "loss": round(loss.item(), 5), "reward_acc": round(accuracy.item(), 3),
-                        "diff_w": round(dw.item(), 6), "diff_l": round(dl.item(), 6),
+                        "diff_w": round(dw.item(), 6), "diff_l": round(dl.item(), 6), "redirect": round(red.item(), 5),
                         "seconds": round(time.perf_counter() - t0, 1)})
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}", redirect=f"{red.item():.4f}")
         if (step + 1) % 25 == 0 or step == steps - 1:
             _checkpoint(ckpt, safectrl, opt, step + 1, log)
     return log
@@ -218,7 +231,7 @@ def run(args) -> dict:
     from diffusers import DDPMScheduler
 
     from export.families import load_backbone
-    from train.safectrl.data import build_cache
+    from train.safectrl.data import build_cache, encode_prompts
 
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -230,7 +243,7 @@ def run(args) -> dict:
         module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
-              "mask_gain": args.mask_gain}
+              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold}
     safectrl = SafeCtrl.for_unet(unet, **config)
     safectrl.install(unet)
     timings = {}
@@ -269,9 +282,12 @@ def run(args) -> dict:
     # stage 2
     t0 = time.perf_counter()
     if args.stage2_steps > 0:
-        log += train_stage2(unet, safectrl, scheduler, data["pairs"], steps=args.stage2_steps, batch=args.stage2_batch,
-                            lr=args.stage2_lr, beta=args.beta, sft_weight=args.sft_weight, t_max=args.t_max,
-                            ckpt=work / "stage2.pt", resume=args.resume, seed=args.seed)
+        with torch.no_grad():
+            empty_emb = encode_prompts(pipe, [""])[0]
+        log += train_stage2(unet, safectrl, scheduler, data["pairs"], empty_emb, steps=args.stage2_steps,
+                            batch=args.stage2_batch, lr=args.stage2_lr, beta=args.beta, sft_weight=args.sft_weight,
+                            t_max=args.stage2_t_max, uncond_prob=args.uncond_prob, ckpt=work / "stage2.pt",
+                            resume=args.resume, seed=args.seed)
     timings["stage2_train_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
 
