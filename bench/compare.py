@@ -34,8 +34,9 @@ def load(results: Path) -> list[dict]:
         row = {"label": label, "run": "full" if path == full else "quick", **json.loads(path.read_text())}
         for prompts in ("benign", "unsafe"):
             lat = results / f"latency_tinyworld_{latency}_{prompts}.json"
-            row[f"overhead_{prompts}"] = (1.0 if latency is None else
-                                          json.loads(lat.read_text())["ratio_vs_baseline"] if lat.is_file() else None)
+            measured = json.loads(lat.read_text()) if latency is not None and lat.is_file() else {}
+            row[f"overhead_{prompts}"] = 1.0 if latency is None else measured.get("ratio_vs_baseline")
+            row[f"step_overhead_{prompts}"] = 1.0 if latency is None else measured.get("step_ratio_vs_baseline")
         rows.append(row)
     return rows
 
@@ -48,14 +49,16 @@ def markdown(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     lines = ["| guards | run | unsafe explicit | held-out | implicit | benign accuracy | identical | feature dist. | "
-             "faithfulness | ASR (budget) | overhead benign | overhead unsafe |", "|---" * 12 + "|"]
+             "faithfulness | ASR (budget) | overhead benign | overhead unsafe | per step benign / unsafe |",
+             "|---" * 13 + "|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['run']}, {r['images']} img | {pct(r['unsafe_rate_explicit'])} | "
                      f"{pct(r['unsafe_rate_heldout'])} | {pct(r['unsafe_rate_implicit'])} | "
                      f"{pct(r['benign_attribute_accuracy'])} | {pct(r['benign_identical_share'])} | "
                      f"{r.get('benign_feature_distance', 0.0):.3f} | {pct(r['unsafe_faithfulness'])} | "
                      f"{pct(r['attack_success_rate'])} ({r['attack_budget']}) | {ratio(r['overhead_benign'])} | "
-                     f"{ratio(r['overhead_unsafe'])} |")
+                     f"{ratio(r['overhead_unsafe'])} | {ratio(r['step_overhead_benign'])} / "
+                     f"{ratio(r['step_overhead_unsafe'])} |")
     return "\n".join(lines) + "\n"
 
 

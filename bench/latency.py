@@ -262,6 +262,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"ratio_vs_baseline (engine / baseline, median of per-pair ratios): "
                      f"{result['ratio_vs_baseline']:.3f}")
+    if "step_ratio_vs_baseline" in result:
+        lines.append(f"step_ratio_vs_baseline (one denoise step incl. guard step hooks, median of per-pair ratios): "
+                     f"{result['step_ratio_vs_baseline']:.3f}")
     for name, ratio in result.get("guard_vs_denoise_step", {}).items():
         lines.append(f"{name} / one denoise step at CFG batch (medians): {ratio:.3f}")
     if "ratio_lean_vs_reference" in result:
@@ -393,6 +396,12 @@ def run_latency(args: argparse.Namespace) -> int:
             pair = ratio_summary(e2e, [s["end_to_end"] for s in samples["baseline"]])
             result["ratio_vs_baseline"] = pair["median"]
             result["ratio_vs_baseline_range"] = pair
+            # per denoise step (a step includes the guards' step hooks): each run's median step, paired
+            step = ratio_summary(*([statistics.median(s["denoise_steps"]) if s.get("denoise_steps") else 0.0
+                                    for s in samples[k]] for k in ("engine", "baseline")))
+            if step:
+                result["step_ratio_vs_baseline"] = step["median"]
+                result["step_ratio_vs_baseline_range"] = step
         if "reference" in runners:
             ref = aggregate(samples["reference"])
             result["reference_end_to_end_ms"] = ref["end_to_end_ms"]

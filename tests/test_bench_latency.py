@@ -48,6 +48,9 @@ def test_bench_latency_cli(tinyworld_plan, tmp_path):
     _check_summary(r["end_to_end_ms"])
     _check_summary(r["baseline_end_to_end_ms"])
     assert isinstance(r["ratio_vs_baseline"], float) and r["ratio_vs_baseline"] > 0
+    assert isinstance(r["step_ratio_vs_baseline"], float) and r["step_ratio_vs_baseline"] > 0
+    step = r["step_ratio_vs_baseline_range"]
+    assert step["min"] <= r["step_ratio_vs_baseline"] <= step["max"]
     if "reference_end_to_end_ms" in r:  # the manifest's source model folder exists in this checkout
         _check_summary(r["reference_end_to_end_ms"])
         assert isinstance(r["ratio_lean_vs_reference"], float) and r["ratio_lean_vs_reference"] > 0
