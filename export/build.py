@@ -150,7 +150,7 @@ def build(opts: BuildOptions) -> Path:
     exporter = opts.exporter or DEFAULT_EXPORTER
     from .guards import prepare as prepare_guards
 
-    guards = prepare_guards(opts.guards, backbone, opts.model, opts.guard_dir)
+    guards = prepare_guards(opts.guards, backbone, opts.model, opts.guard_dir, image_hw=(height, width))
     bar.update()
 
     out = Path(opts.out)

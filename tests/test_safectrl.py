@@ -228,3 +228,19 @@ def test_mask_iou_on_heldout_renders(parts):
     value = iou(mask, ev["mask"])
     print(f"mask IoU on held-out renders (t=400): {value:.3f}")
     assert value >= IOU_THRESHOLD
+
+
+def test_bundle_at_another_image_size(tmp_path):
+    """The mask state follows the build's --height/--width, not the backbone's native size (a 256 px build of
+    SD 1.5 once got a 64x64 state and every call failed)."""
+    from runtime.pipeline import Pipeline
+
+    from .conftest import build_tinyworld_plan
+
+    plan = build_tinyworld_plan(tmp_path / "sc128.plan", "--guards", "safectrl", "--height", "128", "--width", "128")
+    pipe = Pipeline.open(plan)
+    specs = {t.name: t for t in pipe.bundle.manifest.component("denoise").inputs}
+    assert tuple(specs["safectrl_mask_prev"].shape[-2:]) == tuple(specs["sample"].shape[-2:]) == (32, 32)
+    r = pipe.generate(UNSAFE, seed=0, steps=10, guidance=5.0, height=128, width=128)
+    assert r.images[0].shape == (128, 128, 3)
+    assert len(r.report["guards"]["safectrl"]["max_mask"]) == 10

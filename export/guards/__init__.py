@@ -22,6 +22,7 @@ Trained weights live by default in ``models/guards/<model folder name>/<guard>/`
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,8 +49,11 @@ def weights_dir(model: Path, guard: str, root: Path | None = None) -> Path:
     return root / model.stem / guard
 
 
-def prepare(names: list[str], backbone, model: Path, root: Path | None = None) -> dict[str, GuardParts]:
-    """Load every named guard's weights for ``backbone``: ``{name: GuardParts}`` in GUARDS order."""
+def prepare(names: list[str], backbone, model: Path, root: Path | None = None,
+            image_hw: tuple[int, int] | None = None) -> dict[str, GuardParts]:
+    """Load every named guard's weights for ``backbone``: ``{name: GuardParts}`` in GUARDS order. ``image_hw``:
+    the build's image size (pixels), passed to the guards whose ``prepare`` takes it (state shaped like the
+    latent); None means the backbone's native size."""
     parts = {}
     for name in GUARDS:
         if name not in names:
@@ -58,5 +62,7 @@ def prepare(names: list[str], backbone, model: Path, root: Path | None = None) -
         if not (d / "config.json").is_file():
             raise BadInputError(f"--guards {name}: no trained weights in {d} (config.json missing): train them "
                                 f"with `python -m train {name} --model {model} --out {d}` or pass --guard-dir")
-        parts[name] = importlib.import_module(f"export.guards.{name}").prepare(backbone, d)
+        module = importlib.import_module(f"export.guards.{name}")
+        extra = {"image_hw": image_hw} if "image_hw" in inspect.signature(module.prepare).parameters else {}
+        parts[name] = module.prepare(backbone, d, **extra)
     return parts

@@ -342,14 +342,17 @@ class SafeCtrlExtension(DenoiseExtension):
         return noise_pred, {"safectrl_mask": new}
 
 
-def prepare(backbone, weights_dir: Path):
+def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None):
+    """``image_hw``: the build's image size in pixels (the mask state has the latent's size); default the
+    backbone's native size."""
     from export.guards import GuardParts
 
     unet = backbone.unet
     safectrl = SafeCtrl.from_pretrained(weights_dir, unet)
     safectrl.install(unet)
     f = backbone.vae_scale_factor
-    latent_hw = (backbone.image_size // f, backbone.image_size // f)
+    h, w = image_hw or (backbone.image_size, backbone.image_size)
+    latent_hw = (h // f, w // f)
     c = safectrl.config
     config = {"ema_alpha": c["ema_alpha"], "start_step_fraction": c["start_step_fraction"],
               "mask_threshold": c["mask_threshold"], "mask_gain": c.get("mask_gain", 1.0),
