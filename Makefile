@@ -5,7 +5,8 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-reference test test-slow tinyworld eval bundle guarded-bundles bench-sd15 clean-venv
+.PHONY: demo demo-reference test test-slow tinyworld eval bundle guarded-bundles bench-sd15 bench-sd15-guards \
+        bench-sd15-safepatch bench-sd15-safectrl clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,10 +51,14 @@ bundle: $(STAMP)  ## the embedded default bundle engines/tinyworld.plan (~20 s)
 
 # Guarded tinyworld bundles: one per guard, and the full stack (weights in models/guards/tinyworld/<guard>/).
 GUARDED := safeguider saferedir safepatch safectrl
-engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/%/model.safetensors | $(STAMP)
+# a bundle is stale when the guard's weights, its config (run-time settings live there) or its export code change
+engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/%/model.safetensors \
+                          models/guards/tinyworld/%/config.json export/guards/%.py | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $* --out $@
 
-engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors) | $(STAMP)
+engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
+                              $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
+                              models/guards/tinyworld/$(g)/config.json export/guards/$(g).py) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/safeguider/model.safetensors models/guards/tinyworld/saferedir/model.safetensors | $(STAMP)
@@ -72,6 +77,25 @@ engines/sd15_random_256.plan: $(SD15)/model_index.json
 bench-sd15: engines/sd15_random_256.plan  ## latency on the real SD 1.5 architecture, lean vs PyTorch eager
 	$(PY) -m bench latency --engine engines/sd15_random_256.plan --reference $(SD15) --quick --steps 10 \
 	  --out bench/results/latency_sd15_random_256_cpu.json
+
+# Opt-in: UNet-guard overhead on the same architecture (issue 6, acceptance 4). Untrained guards at real size,
+# published init, decision pinned on / off (train/random_init.py; weights in $(SD15G)/<guard>_<on|off>/), each
+# bundle timed against engines/sd15_random_256.plan in one interleaved run. One guard: `make bench-sd15-safectrl`.
+SD15G := .cache/sd15-guards
+engines/sd15_random_256_safepatch_on.plan engines/sd15_random_256_safepatch_off.plan: export/guards/safepatch.py
+engines/sd15_random_256_safectrl_on.plan engines/sd15_random_256_safectrl_off.plan: export/guards/safectrl.py
+engines/sd15_random_256_%.plan: $(SD15)/model_index.json train/random_init.py | $(STAMP)
+	$(PY) -m train random-init --guard $(word 1,$(subst _, ,$*)) --force $(word 2,$(subst _, ,$*)) --model $(SD15) \
+	  --out $(SD15G)/$*/$(notdir $(SD15))/$(word 1,$(subst _, ,$*))
+	$(PY) -m export build --model $(SD15) --height 256 --width 256 --precision fp32 \
+	  --guards $(word 1,$(subst _, ,$*)) --guard-dir $(SD15G)/$* --out $@
+
+bench-sd15-safepatch bench-sd15-safectrl: bench-sd15-%: engines/sd15_random_256.plan engines/sd15_random_256_%_on.plan engines/sd15_random_256_%_off.plan
+	for f in on off; do $(PY) -m bench latency --engine engines/sd15_random_256_$*_$$f.plan \
+	  --baseline engines/sd15_random_256.plan --no-reference --quick --steps 10 --prompt-set benign \
+	  --out bench/results/latency_sd15_random_256_$*_$$f.json || exit 1; done
+
+bench-sd15-guards: bench-sd15-safepatch bench-sd15-safectrl  ## SafePatch then SafeCtrl, on and off (~1 h on 2 cores)
 
 clean-venv:
 	rm -rf $(VENV)

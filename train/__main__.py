@@ -1,5 +1,8 @@
 """``python -m train tinyworld {fit,eval,sample,export-judge}`` and ``python -m train GUARD --model DIR --out DIR [...]``.
 
+``python -m train random-init --guard safepatch|safectrl --model DIR --out DIR [--force on|off]``: an untrained
+UNet-side guard at the backbone's size, published initialisation (for latency; :mod:`train.random_init`).
+
 Each guard's trainer is ``train/<guard>/`` with ``add_arguments(parser)`` and ``main(args) -> int`` in its
 ``cli.py``; this file only dispatches (:data:`GUARD_TRAINERS`).
 """
@@ -69,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             continue
         cli.add_arguments(sub.add_parser(guard, help=cli.__doc__.strip().splitlines()[0]))
+    from . import random_init
+    random_init.add_arguments(sub.add_parser("random-init", help=random_init.__doc__.strip().splitlines()[0]))
     args = parser.parse_args(argv)
 
     if args.command in GUARD_TRAINERS:
         return importlib.import_module(f"train.{args.command}.cli").main(args)
+    if args.command == "random-init":
+        return random_init.main(args)
     if args.action == "fit":
         from .tinyworld.fit import fit_all
 

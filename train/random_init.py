@@ -1,0 +1,108 @@
+"""Write an untrained UNet-side guard sized from a backbone, with the published initialisation (for latency).
+
+    python -m train random-init --guard safepatch --model .cache/sd15-architecture \\
+        --out .cache/sd15-guards/safepatch_on/sd15-architecture/safepatch --force on
+
+Writes ``config.json`` + ``model.safetensors`` in the layout the guard's ``export.guards.<guard>.load`` /
+``from_pretrained`` reads, so ``python -m export build --guards <guard> --guard-dir ROOT`` builds a bundle of
+real size without any training (e.g. the real SD 1.5 architecture with random weights, ``make
+bench-sd15-guards``). Initialisation as published:
+
+- **safepatch**: ``SafePatch.from_unet``: the UNet encoder (conv_in, time embedding, down blocks, mid block)
+  cloned, zero-initialised 1x1 convolutions on every residual, instruction projection with a zero output
+  conv (the patched UNet equals the base UNet); gate head ``SafePatchGate`` default-initialised.
+- **safectrl**: ``SafeCtrl.for_unet``: a Safety Guidance processor on every ``attn2`` with ``W_K'``, ``W_V'``
+  copied from the layer's ``W_K``, ``W_V``; the Unsafe Attention Block default-initialised, its
+  ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet.
+
+``--force`` (measurement only): with a random text encoder, whether the gate fires or the mask passes its
+threshold would be arbitrary per prompt, so it can be pinned. Graph shapes and operations are unchanged;
+only the outputs of the deciding layer are:
+
+- ``on``: SafePatch's gate output layer gets weight 0 and bias ``(-8, +8, -8, -8)`` over ``(none, weapon,
+  gore, shocking)``: ``1 - p(none) ~ 1`` for every prompt, so the runtime runs the patch graph every step
+  with the "weapon" instruction. SafeCtrl's detector gets a constant query (``to_q`` weight 0) aligned with
+  every unsafe token and opposed to the "safe" token (``to_k`` = identity): ``A_cross[safe] ~ 2e-8``, so
+  ``M = A_self @ (1 - A_cross[safe]) ~ 1`` at every pixel, above ``mask_threshold``: the blend is on at
+  every active step.
+- ``off``: the opposite signs: the gate never fires (``p(none) ~ 1``; zero residuals, no patch graph call),
+  the mask is ~7e-7 everywhere, below ``mask_threshold``: blend weight exactly 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+GUARDS = ("safepatch", "safectrl")
+LOGIT = 8.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guard", choices=GUARDS, required=True)
+    p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder) the guard is sized from")
+    p.add_argument("--out", type=Path, required=True, help="writes config.json + model.safetensors here")
+    p.add_argument("--force", choices=("on", "off"), default=None,
+                   help="pin the per-prompt decision: gate always / never fires, mask above / below threshold")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _force_gate(gate, on: bool) -> None:
+    import torch
+
+    head = gate.out[-1]
+    bias = torch.full_like(head.bias, -LOGIT)
+    bias[1 if on else 0] = LOGIT
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(bias)
+
+
+def _force_mask(uab, on: bool) -> None:
+    import torch
+
+    sign = 1.0 if on else -1.0
+    with torch.no_grad():
+        uab.to_q.weight.zero_()
+        uab.to_q.bias.zero_()
+        uab.to_q.bias[0] = LOGIT
+        uab.to_k.weight.copy_(torch.eye(uab.to_k.out_features, uab.to_k.in_features))
+        uab.to_k.bias.zero_()
+        uab.tokens.zero_()
+        uab.tokens[0, 0] = -sign * LOGIT   # the "safe" token
+        uab.tokens[1:, 0] = sign * LOGIT
+
+
+def main(args) -> int:
+    import torch
+
+    from export.families import BackboneError, load_backbone
+
+    torch.manual_seed(args.seed)
+    try:
+        backbone = load_backbone(args.model)
+    except BackboneError as e:
+        print(f"error: {e}")
+        return 2
+    unet = backbone.unet
+    meta = {"random_init": {"model": str(args.model), "force": args.force, "seed": args.seed}}
+    if args.guard == "safepatch":
+        from export.guards.safepatch import SafePatch, SafePatchGate, save
+
+        text_dim = backbone.text_encoders[0].hidden_size
+        patch, gate = SafePatch.from_unet(unet, text_dim), SafePatchGate(text_dim)
+        if args.force:
+            _force_gate(gate, args.force == "on")
+        save(patch, gate, args.out, meta)
+        size = f"{patch.num_parameters():,} patch parameters"
+    else:
+        from export.guards.safectrl import DEFAULT_CONFIG, SafeCtrl
+
+        attn = dict(unet.named_modules())[DEFAULT_CONFIG["detect_layer"].rsplit(".processor", 1)[0]]
+        safectrl = SafeCtrl.for_unet(unet, feature_dim=attn.to_q.in_features + attn.to_v.out_features, **meta)
+        if args.force:
+            _force_mask(safectrl.uab, args.force == "on")
+        safectrl.save_pretrained(args.out)
+        size = f"{sum(p.numel() for p in safectrl.parameters()):,} parameters, {len(safectrl.processors)} attn2 layers"
+    print(f"{args.guard} (untrained, force {args.force}) for {args.model}: {size} -> {args.out}")
+    return 0
