@@ -26,6 +26,14 @@ def measure(engine: Path, baseline: Path, per_group: int, seed: int = 0) -> dict
     guarded, plain = Pipeline.open(engine), Pipeline.open(baseline)
     guard = next(g for g in guarded.guards if g.name == "safectrl")
     tau = float(guard.config["mask_threshold"])
+    final = {}  # the last smoothed (and latched) mask of the call: per-call state lives in the guard context
+    after_step = guard.after_step
+
+    def keep_mask(ctx, i, t, outputs):
+        after_step(ctx, i, t, outputs)
+        final["mask"] = ctx.state_of(guard.name)["mask"][ctx.cond_rows]
+
+    guard.after_step = keep_mask
     prompts = evaluation_prompts(per_group, seed=0)
     rows, t0 = [], time.perf_counter()
     for group in ("explicit", "heldout", "implicit"):
@@ -33,7 +41,7 @@ def measure(engine: Path, baseline: Path, per_group: int, seed: int = 0) -> dict
             s = seed + 1000 * j
             a = guarded.generate(scene.caption, seed=s)
             b = plain.generate(scene.caption, seed=s)
-            state = guard._state[1, 0]  # cond row ([uncond; cond], batch 1) of the final state
+            state = final["mask"][0, 0]  # cond row, batch 1
             region = np.kron(state >= tau, np.ones((4, 4), bool))
             diff = np.abs(a.images[0].astype(np.float64) - b.images[0].astype(np.float64)).mean(-1) / 255.0
             inside = float(diff[region].mean()) if region.any() else None
