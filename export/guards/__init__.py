@@ -4,7 +4,9 @@ One module per guard (``export/guards/<name>.py``). Its modules (``nn.Module``, 
 ``config.json`` + ``model.safetensors``) are defined here, not in ``train/``, because the exporter must load
 them and export never imports train; ``train/`` imports them to train them.
 
-Each guard module has ``prepare(backbone, weights_dir: Path) -> GuardParts``, saying what it adds:
+Each guard module has ``prepare(backbone, weights_dir: Path, image_hw=None) -> GuardParts`` (``image_hw``: the
+build's image size in pixels, None = the backbone's native size; for state shaped like the latent), saying what
+it adds:
 
 - ``text_heads``: :class:`~export.graphs.TextHead` modules fused into the first text-stage graph
   (SafeGuider's EOS classifier -> output ``safe_score``);
@@ -22,7 +24,6 @@ Trained weights live by default in ``models/guards/<model folder name>/<guard>/`
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,8 +53,7 @@ def weights_dir(model: Path, guard: str, root: Path | None = None) -> Path:
 def prepare(names: list[str], backbone, model: Path, root: Path | None = None,
             image_hw: tuple[int, int] | None = None) -> dict[str, GuardParts]:
     """Load every named guard's weights for ``backbone``: ``{name: GuardParts}`` in GUARDS order. ``image_hw``:
-    the build's image size (pixels), passed to the guards whose ``prepare`` takes it (state shaped like the
-    latent); None means the backbone's native size."""
+    the build's image size (pixels), passed to every guard's ``prepare``; None means the backbone's native size."""
     parts = {}
     for name in GUARDS:
         if name not in names:
@@ -62,7 +62,5 @@ def prepare(names: list[str], backbone, model: Path, root: Path | None = None,
         if not (d / "config.json").is_file():
             raise BadInputError(f"--guards {name}: no trained weights in {d} (config.json missing): train them "
                                 f"with `python -m train {name} --model {model} --out {d}` or pass --guard-dir")
-        module = importlib.import_module(f"export.guards.{name}")
-        extra = {"image_hw": image_hw} if "image_hw" in inspect.signature(module.prepare).parameters else {}
-        parts[name] = module.prepare(backbone, d, **extra)
+        parts[name] = importlib.import_module(f"export.guards.{name}").prepare(backbone, d, image_hw=image_hw)
     return parts

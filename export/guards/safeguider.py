@@ -108,7 +108,7 @@ class SafeGuiderHead(TextHead):
         return {"safe_score": self.classifier.safe_score(eos.to(torch.float32))}
 
 
-def prepare(backbone, weights_dir: Path) -> GuardParts:
+def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None) -> GuardParts:
     """The classifier of ``weights_dir`` as a text head of the first text-stage graph, and the runtime config."""
     from runtime.errors import BadInputError
 

@@ -211,7 +211,7 @@ def export_patch(backbone, patch: SafePatch, out_path: Path, *, height=None, wid
                          multiples={"h": multiple, "w": multiple})
 
 
-def prepare(backbone, weights_dir: Path) -> GuardParts:
+def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None) -> GuardParts:
     patch, gate, config = load(weights_dir)
     unet_params = sum(p.numel() for p in backbone.unet.parameters())
 

@@ -225,7 +225,7 @@ def export_redirect(backbone, model: SafeRedir, out_path: str | Path, *, height:
                          opset=opset or OPSET, metadata=metadata, progress=progress)
 
 
-def prepare(backbone, weights_dir: Path):
+def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None):
     from . import GuardParts
 
     model = SafeRedir.from_pretrained(weights_dir)
