@@ -146,6 +146,33 @@ def test_merged_attention_equals_two_attentions(parts):
         torch.testing.assert_close(z_safe, want_safe, rtol=0, atol=1e-6)
 
 
+def test_blended_attention_equals_explicit_blend(parts):
+    """The non-detect layers of the exported graph blend inside one attention over both key sets (each set's
+    probabilities scaled by 1 - m and m): the explicit processor's ``Z (1 - m) + Z' m``, for soft masks, masks
+    of exactly 0 (the plain attention) and exactly 1 (the safe one)."""
+    from export.guards.safectrl import SafeCtrlState
+
+    backbone, safectrl, _ = parts
+    modules = dict(backbone.unet.named_modules())
+    x, _, emb = _inputs(backbone)
+    gen = torch.Generator().manual_seed(3)
+    for proc in safectrl.processors.values():
+        attn = modules[proc.name.rsplit(".processor", 1)[0]]
+        hidden = torch.randn(2, 16, attn.to_q.in_features, generator=gen)
+        soft = torch.rand(2, 1, 4, 4, generator=gen)
+        soft[0, 0, 0] = 0.0
+        for blend in (soft, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)):
+            state = SafeCtrlState()
+            state.blend = blend
+            with torch.no_grad():
+                query = attn.to_q(hidden)
+                got = proc._attend_blended(attn, query, emb, state.key_set_weights_at(16))
+                z = proc._attend(attn, query, attn.to_k(emb), attn.to_v(emb), 2, explicit=True)
+                z_safe = proc._attend(attn, query, proc.to_k_safe(emb), proc.to_v_safe(emb), 2, explicit=True)
+                m = blend.flatten(2).transpose(1, 2)
+            torch.testing.assert_close(got, z * (1 - m) + z_safe * m, rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def onnx_graphs(parts, tmp_path_factory):
     """The guarded denoise graph and the plain one, exported from the same backbone."""

@@ -20,10 +20,15 @@ arguments):
   the detected region, chosen by a PyTorch-reference sweep because the soft ~0.55 mask left the knife
   half-drawn).
 
-In the exported graph Z and Z' are ONE attention over twice the heads (``[W_K; W_K']``, ``[W_V; W_V']``, the
-query repeated) and the blend one weighted sum over the two head groups: the same arithmetic per head as the
-explicit processor, ~70 extra nodes after ONNX Runtime's optimiser instead of ~170 (graph nodes, not FLOPs,
-dominate the guidance branch's cost on a small UNet). Eager PyTorch keeps the two attentions (SDPA).
+In the exported graph each blended layer is ONE attention over both key sets (``[K; K']``, ``[V; V']``, 2 S
+keys): a softmax per key set, each set's probabilities scaled by its blend weight per pixel (``1 - M_bar``,
+``M_bar``), one value product: ``(1 - M_bar) P V + M_bar P' V'`` per head, the explicit processor's blend. The
+detect layer, which also needs the unblended Z for the detector's features, computes Z and Z' as one attention
+over twice the heads and blends them with one weighted sum. The pooled blend weights are computed once per
+resolution and shared by the layers at it. Graph nodes, not FLOPs, dominate the guidance branch's cost on a
+small UNet: ~76 extra nodes after ONNX Runtime's optimiser (~170 with two attentions per layer); denoise graph
+alone on tinyworld (2 cores) 1.09x the plain UNet, 1.11x with the head-group blend in every layer. Eager
+PyTorch keeps the two attentions (SDPA).
 
 Per-step state (graph inputs/outputs of :class:`SafeCtrlExtension`): the runtime feeds the previous smoothed
 mask ``safectrl_mask_prev (N, 1, h, w)`` and ``safectrl_active (1,)`` (1 in the later steps, 0 before); the
@@ -79,9 +84,29 @@ class SafeCtrlState:
         self.blend: torch.Tensor | None = None   # (N, 1, h, w) blend weight at latent resolution, or None
         self.features: torch.Tensor | None = None  # (N, P, C) detector features of the current call
         self.stop_after_detect = False           # training: stop the UNet once the features are captured
+        self.pooled: dict = {}                   # P -> the blend weight pooled to P pixels (one per resolution)
 
     def reset(self):
-        self.blend, self.features = None, None
+        self.blend, self.features, self.pooled = None, None, {}
+
+    def blend_at(self, p: int) -> torch.Tensor:
+        """The blend weight area-pooled to a layer's ``p`` pixels, (N, 1, P): computed once per resolution and
+        shared by the layers at it (one pooling per resolution in the exported graph, not one per layer)."""
+        if p not in self.pooled:
+            blend = self.blend
+            factor = int(round(math.sqrt(blend.shape[-2] * blend.shape[-1] / p)))
+            if factor > 1:
+                blend = F.avg_pool2d(blend, factor)
+            self.pooled[p] = blend.flatten(2)
+        return self.pooled[p]
+
+    def key_set_weights_at(self, p: int) -> torch.Tensor:
+        """``(1 - m, m)`` per pixel as (N, 1, P, 2, 1): the scale of each key set's attention probabilities in
+        :meth:`SafetyGuidanceProcessor._attend_blended` (once per resolution, like :meth:`blend_at`)."""
+        if ("weights", p) not in self.pooled:
+            m = self.blend_at(p)
+            self.pooled[("weights", p)] = torch.stack([1.0 - m, m], dim=-1)[:, :, :, :, None]
+        return self.pooled[("weights", p)]
 
 
 class DetectorFeaturesReady(Exception):
@@ -104,10 +129,17 @@ class UnsafeAttentionBlock(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.norm(features)
-        logits = self.to_q(x) @ self.to_k(self.tokens).transpose(0, 1) * self.scale   # (N, P, 1+K)
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            # one projection for the three linears of the features (fewer graph nodes; same products)
+            layers = (self.to_q, self.self_q, self.self_k)
+            q, sq, sk = F.linear(x, torch.cat([m.weight for m in layers]),
+                                 torch.cat([m.bias for m in layers])).split(self.to_q.out_features, dim=-1)
+        else:
+            q, sq, sk = self.to_q(x), self.self_q(x), self.self_k(x)
+        logits = q @ self.to_k(self.tokens).transpose(0, 1) * self.scale               # (N, P, 1+K)
         a_cross = logits.softmax(dim=-1)
         unsafe = 1.0 - a_cross[..., 0]                                                  # vec(A_cross): (N, P)
-        a_self = (self.self_q(x) @ self.self_k(x).transpose(1, 2) * self.scale).softmax(dim=-1)  # (N, P, P)
+        a_self = (sq @ sk.transpose(1, 2) * self.scale).softmax(dim=-1)                  # (N, P, P)
         mask = (a_self @ unsafe.unsqueeze(-1)).squeeze(-1)
         return logits, mask
 
@@ -164,18 +196,34 @@ class SafetyGuidanceProcessor(nn.Module):
         probs = attn.get_attention_scores(q, split_heads(both(attn.to_k, self.to_k_safe)), None)
         return torch.bmm(probs, split_heads(both(attn.to_v, self.to_v_safe))).reshape(n, 2, heads, p, d)
 
+    def _attend_blended(self, attn, query, context, weights):
+        """``Z (1 - m) + Z' m`` without forming Z and Z': the two key sets as one attention over ``2 S`` keys
+        (``[K; K']``, ``[V; V']``), a softmax per key set, each set's probabilities scaled by its blend weight
+        per query pixel (``1 - m``, ``m``), one value product. Per head: ``(1 - m) P V + m P' V'``, the explicit
+        processor's blend. ``m == 0`` scales ``P'`` to exact zeros, so the result is ``P V`` plus zero products.
+        ``weights``: (N, 1, P, 2, 1), :meth:`SafeCtrlState.key_set_weights_at`. Fewer graph nodes than :meth:`_attend_both` (no repeated query, no head-group sum)."""
+        heads = attn.heads
+        n, p, inner = query.shape
+        d = inner // heads
+
+        def both(base: nn.Linear, safe: nn.Linear) -> torch.Tensor:  # (N, S, 2*inner) -> (N*heads, 2*S, d)
+            bias = None if base.bias is None else torch.cat([base.bias, safe.bias])
+            x = F.linear(context, torch.cat([base.weight, safe.weight]), bias)
+            return x.reshape(n, -1, 2, heads, d).permute(0, 3, 2, 1, 4).reshape(n * heads, -1, d)
+
+        q = query.reshape(n, p, heads, d).permute(0, 2, 1, 3).reshape(n * heads, p, d)
+        k = both(attn.to_k, self.to_k_safe)
+        scores = torch.baddbmm(torch.empty(q.shape[0], p, k.shape[1], dtype=q.dtype, device=q.device), q,
+                               k.transpose(-1, -2), beta=0, alpha=attn.scale)
+        probs = scores.reshape(n, heads, p, 2, -1).softmax(dim=-1)
+        probs = (probs * weights).reshape(n * heads, p, -1)
+        out = torch.bmm(probs, both(attn.to_v, self.to_v_safe))             # (N*heads, P, d)
+        return out.reshape(n, heads, p, d).permute(0, 2, 1, 3).reshape(n, p, inner)
+
     @staticmethod
     def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # (N, heads, P, d) -> (N, P, heads*d)
         n, heads, p, d = x.shape
         return x.permute(0, 2, 1, 3).reshape(n, p, heads * d)
-
-    @staticmethod
-    def _pooled(blend: torch.Tensor, p: int) -> torch.Tensor:
-        """The latent-resolution blend weight area-pooled to this layer's P pixels: (N, 1, P)."""
-        factor = int(round(math.sqrt(blend.shape[-2] * blend.shape[-1] / p)))
-        if factor > 1:
-            blend = F.avg_pool2d(blend, factor)
-        return blend.flatten(2)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -194,13 +242,15 @@ class SafetyGuidanceProcessor(nn.Module):
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         p = hidden_states.shape[1]
-        if explicit and state.blend is not None:
+        if explicit and state.blend is not None and not self.detect:
+            z = self._attend_blended(attn, query, encoder_hidden_states, state.key_set_weights_at(p))
+        elif explicit and state.blend is not None:
             # the exported graph: one attention for Z and Z' and the blend as one weighted sum over the two
             # head groups, Z (1 - m) + Z' m (m == 0 gives Z * 1 + Z' * 0 == Z exactly)
             both = self._attend_both(attn, query, encoder_hidden_states)
             if self.detect:
                 state.features = torch.cat([hidden_states, self._merge_heads(both[:, 0])], dim=-1)
-            m = self._pooled(state.blend, p)                                     # (N, 1, P)
+            m = state.blend_at(p)                                                # (N, 1, P)
             weights = torch.cat([1.0 - m, m], dim=1)[:, :, None, :, None]         # (N, 2, 1, P, 1)
             z = self._merge_heads((both * weights).sum(dim=1))
         else:
@@ -213,7 +263,7 @@ class SafetyGuidanceProcessor(nn.Module):
             if state.blend is not None:
                 z_safe = self._attend(attn, query, self.to_k_safe(encoder_hidden_states),
                                       self.to_v_safe(encoder_hidden_states), batch_size, explicit)
-                m = self._pooled(state.blend, p).transpose(1, 2)                    # (N, P, 1)
+                m = state.blend_at(p).transpose(1, 2)                               # (N, P, 1)
                 z = z * (1.0 - m) + z_safe * m
         hidden_states = attn.to_out[0](z)
         hidden_states = attn.to_out[1](hidden_states)
@@ -279,7 +329,7 @@ class SafeCtrl(nn.Module):
     def blend_weight(self, mask_prev: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """active * hard_threshold(mask_prev, tau): exactly 0 below tau."""
         tau = float(self.config["mask_threshold"])
-        kept = torch.where(mask_prev >= tau, mask_prev, torch.zeros_like(mask_prev))
+        kept = torch.where(mask_prev >= tau, mask_prev, 0.0)
         gain = float(self.config.get("mask_gain", 1.0))
         if gain != 1.0:
             kept = (kept * gain).clamp(max=1.0)
