@@ -14,7 +14,8 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   ``safectrl_active`` = 1 from step index ``ceil(start_step_fraction * steps)`` on (the later, less noisy
   steps), else 0. The graph blends with ``active * min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` and outputs
   ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
-- ``after_step``: stores the output as the next state (with ``latch_threshold`` set: from the active steps on, a
+- ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place: the
+  per-step host work is a handful of numpy calls) (with ``latch_threshold`` set: from the active steps on, a
   pixel whose smoothed mask reached it keeps at least its highest such value: hysteresis, so the suppression
   stays on where the object was after it has faded it; without it the masks of gore oscillated 0.9 -> 0.05 ->
   0.9 and the object came back between blends); records, for the conditional rows, the mask coverage
@@ -48,53 +49,68 @@ class SafeCtrl(Guard):
         return int(math.ceil(float(self.config["start_step_fraction"]) * steps - 1e-9))
 
     def on_text(self, ctx: GuardContext) -> None:
-        ctx.state_of(self.name).update(mask=None, latched=None)  # M_bar of the previous step; latched values
+        # feed: the mask fed to the next denoise call (written in place by after_step); latched: the held
+        # values (hysteresis); fed_max: the largest value in the feed
+        ctx.state_of(self.name).update(feed=None, latched=None, fed_max=0.0)
         ctx.report[self.name] = {"active_from_step": self.start_step(ctx.steps), "active_steps": [],
                                  "blending_steps": [], "coverage": [], "max_mask": [], "triggered": False,
                                  "time_ms": 0.0}
 
+    def _per_image(self, ctx: GuardContext) -> bool:
+        """One mask per image (the conditional row's) rather than one per UNet row."""
+        return ctx.cfg and self.config.get("mask_rows", "cond") == "cond"
+
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        rows = x.shape[0] * (2 if ctx.cfg else 1)
         st = ctx.state_of(self.name)
-        if st["mask"] is None or st["mask"].shape[0] != rows or st["mask"].shape[-2:] != x.shape[-2:]:
-            st["mask"] = np.zeros((rows, 1, *x.shape[-2:]), np.float32)
-        feed = st["mask"]
-        if ctx.cfg and self.config.get("mask_rows", "cond") == "cond":
-            # one mask per image: the conditional row's (the prompt's) mask; the unconditional row's own
-            # detection (empty prompt, never trained on) is not used. blend_uncond false: the unconditional
-            # row stays the plain UNet (zero mask), so CFG extrapolates from it towards the suppressed
-            # conditional prediction: the suppression is scaled by the guidance scale
-            cond = st["mask"][ctx.cond_rows]
-            uncond = cond if self.config.get("blend_uncond", True) else np.zeros_like(cond)
-            feed = np.concatenate([uncond, cond])
+        rows = x.shape[0] * (2 if ctx.cfg else 1)
+        if st["feed"] is None or st["feed"].shape != (rows, 1, *x.shape[-2:]):
+            st["feed"] = np.zeros((rows, 1, *x.shape[-2:]), np.float32)  # zeros at step 0
         active = i >= self.start_step(ctx.steps)
         report = ctx.report[self.name]
         if active:
             report["active_steps"].append(i)
-            if float(feed.max()) >= float(self.config["mask_threshold"]):
+            if st["fed_max"] >= float(self.config["mask_threshold"]):
                 report["blending_steps"].append(i)
                 report["triggered"] = True
         report["time_ms"] += (time.perf_counter() - t0) * 1000
-        return {self.config["state_input"]: np.ascontiguousarray(feed),
-                self.config["active_input"]: np.array([1.0 if active else 0.0], np.float32)}
+        return {self.config["state_input"]: st["feed"], self.config["active_input"]: _ONE if active else _ZERO}
 
     def after_step(self, ctx: GuardContext, i: int, t: np.float32, outputs: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
-        mask = np.asarray(outputs[self.config["state_output"]], np.float32)
-        if not np.all(np.isfinite(mask)):
+        st = ctx.state_of(self.name)
+        mask = outputs[self.config["state_output"]]
+        per_image = self._per_image(ctx)
+        kept = mask[ctx.cond_rows] if per_image else mask  # the rows whose mask is fed on
+        top = float(kept.max())
+        if not math.isfinite(top):
             raise ValueError("safectrl_mask has NaN/Inf")
         latch = self.config.get("latch_threshold")
-        if latch is not None and i + 1 >= self.start_step(ctx.steps):
+        if latch is not None and i + 1 >= self.start_step(ctx.steps) and (st["latched"] is not None or top >= latch):
             # hysteresis: a pixel whose smoothed mask reached latch_threshold during the active steps keeps
             # (at least) that value, so suppression stays on where the object was once it has faded it
-            st = ctx.state_of(self.name)
-            held = np.where(mask >= float(latch), mask, np.float32(0))
-            st["latched"] = held if st.get("latched") is None else np.maximum(st["latched"], held)
-            mask = np.maximum(mask, st["latched"])
-        ctx.state_of(self.name)["mask"] = np.ascontiguousarray(mask)
-        cond = mask[ctx.cond_rows]
+            held = np.where(kept >= float(latch), kept, np.float32(0))
+            st["latched"] = held if st["latched"] is None else np.maximum(st["latched"], held)
+            kept = np.maximum(kept, st["latched"])
+            top = float(kept.max())
+        feed = st["feed"]
+        if per_image:
+            # one mask per image, the conditional row's: the unconditional row's own detection (empty prompt,
+            # never trained on) is not used. blend_uncond false: the unconditional rows keep zeros (the plain
+            # UNet), so CFG extrapolates from them towards the suppressed conditional prediction
+            feed[ctx.cond_rows] = kept
+            if self.config.get("blend_uncond", True):
+                feed[:ctx.batch] = kept
+        else:
+            feed[...] = kept
+        st["fed_max"] = top
+        cond = kept if per_image else kept[ctx.cond_rows]
         report = ctx.report[self.name]
-        report["coverage"].append(round(float((cond > float(self.config["coverage_threshold"])).mean()), 4))
-        report["max_mask"].append(round(float(cond.max()), 4))
+        report["coverage"].append(round(np.count_nonzero(cond > float(self.config["coverage_threshold"])) / cond.size, 4))
+        report["max_mask"].append(round(top if per_image else float(cond.max()), 4))
         report["time_ms"] = round(report["time_ms"] + (time.perf_counter() - t0) * 1000, 3)
+
+
+_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
+for _a in (_ONE, _ZERO):
+    _a.setflags(write=False)
