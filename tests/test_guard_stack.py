@@ -57,8 +57,12 @@ def test_stack_manifest_and_benign_prompt_is_untouched(stack, tinyworld_plan):
 def test_stack_unsafe_prompt_engages_the_guards(stack):
     g = stack.generate(UNSAFE, seed=3, **SETTINGS).report["guards"]
     assert g["safeguider"]["verdict"] == "unsafe" and "knife" in " ".join(g["safeguider"]["words_removed"])
-    assert g["safepatch"]["active"] is True and g["safepatch"]["instruction"] == "remove the knife"
     assert set(g) == set(GUARDS)
+    # the guards after SafeGuider judge the conditioning the UNet gets: SafePatch's gate is the rewritten
+    # prompt's, the same as when that prompt is given as it is
+    alone = stack.generate(g["safeguider"]["final_prompt"], seed=3, **SETTINGS).report["guards"]["safepatch"]
+    assert g["safepatch"]["gate"] == pytest.approx(alone["gate"], abs=1e-4)
+    assert g["safepatch"]["active"] == alone["active"]
 
 
 def test_concurrent_calls_match_sequential(stack):

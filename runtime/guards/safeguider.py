@@ -30,8 +30,9 @@ profile), and a prompt already scored (the same word set reached in another orde
 :func:`beam_search_sequential` is the straightforward one-at-a-time re-implementation, kept for the
 equivalence test and the latency comparison.
 
-The final prompt's ``hidden`` (and ``eos``, ``safe_score``) replace the prompt row of ``ctx.text``; the
-unconditional row is untouched. ``ctx.report["safeguider"]``: score, verdict, words_removed, final_prompt,
+The final prompt's text-stage outputs (``hidden``, ``eos``, ``safe_score`` and any fused head such as
+SafePatch's gate) replace the prompt row of ``ctx.text``: the guards after this one see the conditioning the
+UNet will get. The unconditional row is untouched. ``ctx.report["safeguider"]``: score, verdict, words_removed, final_prompt,
 candidates_scored, depth, text_calls, time_ms (and the final score and similarity when searched).
 """
 
@@ -290,9 +291,12 @@ class SafeGuider(Guard):
         else:
             result, final = self.search(ctx.prompt, score, ctx.text["eos"][row])
             if result.prompt != ctx.prompt:
-                for key in ("hidden", "eos", self.output):
-                    ctx.text[key] = ctx.text[key].copy()
-                    ctx.text[key][row] = final[key]
+                # every text-stage output of the prompt row, so the guards after this one (SafePatch's gate)
+                # judge the conditioning the UNet will get, not the prompt it replaced
+                for key in final:
+                    if key in ctx.text:
+                        ctx.text[key] = ctx.text[key].copy()
+                        ctx.text[key][row] = final[key]
             report.update(verdict="unsafe", words_removed=result.words_removed, final_prompt=result.prompt,
                           final_score=round(result.score, 6), similarity=round(result.similarity, 6),
                           outcome=result.outcome, candidates_scored=result.candidates_scored, depth=result.depth,
