@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from runtime.backends.tensorrt import make_logger
+
 MIN_TENSORRT_MAJOR = 10
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "engines" / "profiles"
 
@@ -382,28 +384,6 @@ def _atomic_write(path: Path, data) -> None:
         raise
 
 
-def _make_logger(trt, progress):
-    class _Logger(trt.ILogger):
-        """Keeps errors for the exception message; forwards warnings and errors to stderr/progress."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(msg)
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR,
-                            trt.ILogger.Severity.WARNING):
-                text = f"[TensorRT] {severity.name}: {msg}"
-                if progress:
-                    progress(text)
-                else:
-                    print(text, file=sys.stderr)
-
-    return _Logger()
-
-
 def _make_progress_monitor(trt, progress):
     if progress is None or not hasattr(trt, "IProgressMonitor"):
         return None
@@ -512,7 +492,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     say = progress or (lambda _msg: None)
     device_name, cc = device_properties(0)
 
-    logger = _make_logger(trt, progress)
+    logger = make_logger(trt, echo=progress or (lambda line: print(line, file=sys.stderr)))
     builder = trt.Builder(logger)
     if _tensorrt_major(trt) >= 11:
         flags = 0  # TensorRT 11 networks are always strongly typed; STRONGLY_TYPED is deprecated and ignored

@@ -202,17 +202,23 @@ class SharedDeviceMemory:
 
 # -- the engine -------------------------------------------------------------------------------------------------
 
-def _make_logger(trt):
-    class _Logger(trt.ILogger):
-        """Keeps TensorRT's errors for the exception message (printing nothing below warnings)."""
+def make_logger(trt, echo=None):
+    """A ``trt.ILogger`` keeping TensorRT's errors (one line each) for the exception message; with ``echo`` (a
+    callable taking one line) warnings and errors are also passed on (the engine build prints them). Nothing
+    below warnings is printed."""
+    severity_type = trt.ILogger.Severity
+    errors = (severity_type.ERROR, severity_type.INTERNAL_ERROR)
 
+    class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
 
         def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+            if severity in errors:
                 self.errors.append(" ".join(str(msg).split()))
+            if echo is not None and (severity in errors or severity == severity_type.WARNING):
+                echo(f"[TensorRT] {severity.name}: {msg}")
 
     return _Logger()
 
@@ -284,7 +290,7 @@ class TrtEngine:
                                "engine: run it with --backend onnxruntime")
         trt, cudart, cc = require_tensorrt()
         check_engine_compat(component, trt.__version__, cc)
-        logger = _make_logger(trt)
+        logger = make_logger(trt)
         runtime = trt.Runtime(logger)
         view = bundle.payload(component.name)
         try:
