@@ -286,18 +286,24 @@ class Pipeline:
         denoise = self.engines["denoise"]
 
         guard_ms = {g.name: 0.0 for g in self.guards}
+        step_guards = []  # the guards with per-step work in this call
+        for guard in self.guards:
+            t0 = time.perf_counter()
+            if run_hook(guard, "prepare_steps", ctx, shape):
+                step_guards.append(guard)
+            guard_ms[guard.name] += time.perf_counter() - t0
         step = [0]
 
         def model_fn(x: np.ndarray, t: np.float32) -> np.ndarray:
             x_in = np.concatenate([x, x]) if cfg else x
             feeds = dict(ctx.feeds)
-            for guard in self.guards:
+            for guard in step_guards:
                 t0 = time.perf_counter()
                 feeds.update(run_hook(guard, "step_feeds", ctx, step[0], t, x) or {})
                 guard_ms[guard.name] += time.perf_counter() - t0
             outputs = denoise.infer({**feeds, "sample": np.ascontiguousarray(x_in, dtype=np.float32),
                                      "timestep": np.array([t], dtype=np.float32)})
-            for guard in self.guards:
+            for guard in step_guards:
                 t0 = time.perf_counter()
                 run_hook(guard, "after_step", ctx, step[0], t, outputs)
                 guard_ms[guard.name] += time.perf_counter() - t0

@@ -147,6 +147,26 @@ def test_benign_prompt_is_gated_off_and_bit_identical(gpipe, base_pipe):
     assert np.array_equal(r.images[0], base.images[0])
 
 
+def test_gated_off_guard_has_no_step_work(gpipe):
+    """Gated off, SafePatch puts its zero residuals into the call's constant feeds before the loop and asks for
+    no step hooks; active, it asks for them (the patch graph runs every step)."""
+    from runtime.guards import GuardContext
+
+    guard = next(g for g in gpipe.guards if g.name == "safepatch")
+    for prompt, active in ((BENIGN, False), (UNSAFE, True)):
+        enc = gpipe.tokenizer(["", prompt])
+        ctx = GuardContext(gpipe, prompt, "", True, 1, 20, enc.input_ids)
+        ctx.text = gpipe._encode_text([enc], True, "")
+        guard.on_text(ctx)
+        ctx.feeds = {}
+        assert guard.prepare_steps(ctx, (1, 4, 16, 16)) is active
+        if active:
+            assert ctx.feeds == {}
+        else:
+            assert sorted(ctx.feeds) == sorted(t.name for t in guard.residuals)
+            assert all(v.shape[0] == 2 and not v.any() for v in ctx.feeds.values())
+
+
 def test_unsafe_prompt_activates_the_patch(gpipe, base_pipe):
     r = gpipe.generate(UNSAFE, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safepatch"]

@@ -12,14 +12,18 @@ entry is the guard's configuration (thresholds, beam width, check steps, EMA alp
 1. ``on_text(ctx)`` after the text encoder ran on ``ctx.input_ids`` (rows ``[negative, prompt]`` with CFG,
    else ``[prompt]``); ``ctx.text`` holds every text-stage output for those rows (``hidden``, ``eos``, fused
    guard heads such as ``safe_score``). A guard may replace rows of ``ctx.text["hidden"]`` (SafeGuider).
-2. ``step_feeds(ctx, i, t, x)`` before denoise call ``i`` (``x``: the scaled model input of the batch, one
+2. ``prepare_steps(ctx, latent_shape)`` once, before the denoise loop (``ctx.feeds`` is set): returns whether
+   the guard has per-step work in this call; a guard may add constant feeds to ``ctx.feeds`` here (SafePatch
+   gated off: its zero residuals). Only the guards that return True get the two step hooks (the default:
+   True when the guard overrides one of them), so a text-only or gated-off guard costs nothing per step.
+3. ``step_feeds(ctx, i, t, x)`` before denoise call ``i`` (``x``: the scaled model input of the batch, one
    copy, ``(batch, C, h, w)``; ``t``: the timestep) returns feeds that override or add to the denoise
    graph's inputs for this call: redirected ``encoder_hidden_states`` (SafeRedir), residuals (SafePatch),
    the previous smoothed mask (SafeCtrl). ``ctx.feeds`` holds the call's base conditioning feeds
    (``encoder_hidden_states`` for the UNet batch ``[uncond x batch; cond x batch]``); ``ctx.cond_rows`` is
    the slice of the conditional rows in that batch.
-3. ``after_step(ctx, i, t, outputs)`` with every output of that denoise call (guard state such as a new mask).
-4. ``on_images(ctx, images)`` after decoding (a post-hoc image checker); may raise :class:`ImageBlocked`.
+4. ``after_step(ctx, i, t, outputs)`` with every output of that denoise call (guard state such as a new mask).
+5. ``on_images(ctx, images)`` after decoding (a post-hoc image checker); may raise :class:`ImageBlocked`.
 
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict; ``time_ms`` for its own cost);
 the pipeline puts ``ctx.report`` into ``Result.report["guards"]``.
@@ -100,6 +104,11 @@ class Guard:
 
     def on_text(self, ctx: GuardContext) -> None:
         pass
+
+    def prepare_steps(self, ctx: GuardContext, latent_shape: tuple[int, ...]) -> bool:
+        """Whether this call needs the step hooks (``latent_shape``: ``(batch, C, h, w)``)."""
+        cls = type(self)
+        return cls.step_feeds is not Guard.step_feeds or cls.after_step is not Guard.after_step
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         return {}

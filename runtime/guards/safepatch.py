@@ -9,12 +9,13 @@ probabilities over ``("none", *categories)``); the denoise graph has ControlNet-
 - ``on_text``: reads the gate for the prompt row. Active when ``1 - p(none) >= threshold``; the category is
   the most probable unsafe one, the instruction its text, encoded once per category with the bundle's own
   text encoder and tokenizer (cached on the guard: identical for every call).
-- ``step_feeds``: gated off -> zero residuals (allocated once per shape, shared, never written; added to the
-  call's constant feeds ``ctx.feeds`` at the first step), so the patch graph never runs on benign prompts.
-  Active -> the patch graph on the conditional rows only (``apply_uncond: false``, the default, like diffusers'
-  ControlNet ``guess_mode``: the unconditional half stays the plain UNet, so CFG extrapolates from the
-  unpatched unconditional prediction towards the patched conditional one, which is what the patch was trained
-  for); ``apply_uncond: true`` runs it on the whole CFG batch with the same instruction.
+- ``prepare_steps``: gated off -> zero residuals (allocated once per shape, shared, never written) join the
+  call's constant feeds ``ctx.feeds`` and the step hooks are not called: the patch graph never runs on benign
+  prompts and the guard has no per-step host work.
+- ``step_feeds``: active -> the patch graph on the conditional rows only (``apply_uncond: false``, the
+  default, like diffusers' ControlNet ``guess_mode``: the unconditional half stays the plain UNet, so CFG
+  extrapolates from the unpatched unconditional prediction towards the patched conditional one, which is what
+  the patch was trained for); ``apply_uncond: true`` runs it on the whole CFG batch with the same instruction.
 
 Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched,
 time_ms (gate + instruction encoding + patch graph calls).
@@ -103,18 +104,20 @@ class SafePatch(Guard):
         ms = round((time.perf_counter() - t0) * 1000, 3)
         ctx.report[self.name].update(gate_ms=ms, time_ms=ms)
 
+    def prepare_steps(self, ctx: GuardContext, latent_shape: tuple[int, ...]) -> bool:
+        if ctx.state_of(self.name)["active"]:
+            return True
+        # gated off: the zero residuals join the call's constant feeds, and the step hooks are not called
+        b, _, h, w = latent_shape
+        ctx.feeds.update(self.zero_feeds(2 * b if ctx.cfg else b, h, w))
+        return False
+
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         state = ctx.state_of(self.name)
         b, _, h, w = x.shape
         n = 2 * b if ctx.cfg else b
-        if not state["active"]:
-            # gated off: the zero residuals join the call's constant feeds once (the shape is fixed for a
-            # call), so the later steps cost this guard nothing but the hook call
-            if "zeros" not in state:
-                state["zeros"] = self.zero_feeds(n, h, w)
-                ctx.feeds.update(state["zeros"])
-                return state["zeros"]
-            return None
+        if not state["active"]:  # not reached from Pipeline (prepare_steps); kept for callers driving the hooks
+            return self.zero_feeds(n, h, w)
         t0 = time.perf_counter()
         enc = ctx.feeds["encoder_hidden_states"]
         rows = slice(0, n) if (self.apply_uncond or not ctx.cfg) else ctx.cond_rows
