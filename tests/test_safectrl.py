@@ -128,8 +128,8 @@ def test_zero_mask_bit_identical_pytorch(parts):
 
 
 def test_merged_attention_equals_two_attentions(parts):
-    """The exported graph computes Z and Z' as one attention over 2 x heads: the same values as the stock
-    explicit processor's attention and the parallel W_K'/W_V' one, computed separately."""
+    """At the detect layer the exported graph computes Z and Z' as one attention over 2 x heads: the same values
+    as the stock explicit processor's attention and the parallel W_K'/W_V' one, computed separately."""
     backbone, safectrl, _ = parts
     modules = dict(backbone.unet.named_modules())
     x, _, emb = _inputs(backbone)
