@@ -84,10 +84,11 @@ class SafeCtrlState:
         self.blend: torch.Tensor | None = None   # (N, 1, h, w) blend weight at latent resolution, or None
         self.features: torch.Tensor | None = None  # (N, P, C) detector features of the current call
         self.stop_after_detect = False           # training: stop the UNet once the features are captured
-        self.pooled: dict = {}                   # P -> the blend weight pooled to P pixels (one per resolution)
+        self.pooled: dict[int, torch.Tensor] = {}   # P -> the blend weight pooled to P pixels
+        self.weights: dict[int, torch.Tensor] = {}  # P -> (1 - m, m) at P pixels
 
     def reset(self):
-        self.blend, self.features, self.pooled = None, None, {}
+        self.blend, self.features, self.pooled, self.weights = None, None, {}, {}
 
     def blend_at(self, p: int) -> torch.Tensor:
         """The blend weight area-pooled to a layer's ``p`` pixels, (N, 1, P): computed once per resolution and
@@ -103,10 +104,10 @@ class SafeCtrlState:
     def key_set_weights_at(self, p: int) -> torch.Tensor:
         """``(1 - m, m)`` per pixel as (N, 1, P, 2, 1): the scale of each key set's attention probabilities in
         :meth:`SafetyGuidanceProcessor._attend_blended` (once per resolution, like :meth:`blend_at`)."""
-        if ("weights", p) not in self.pooled:
+        if p not in self.weights:
             m = self.blend_at(p)
-            self.pooled[("weights", p)] = torch.stack([1.0 - m, m], dim=-1)[:, :, :, :, None]
-        return self.pooled[("weights", p)]
+            self.weights[p] = torch.stack([1.0 - m, m], dim=-1)[:, :, :, :, None]
+        return self.weights[p]
 
 
 class DetectorFeaturesReady(Exception):
@@ -201,7 +202,8 @@ class SafetyGuidanceProcessor(nn.Module):
         (``[K; K']``, ``[V; V']``), a softmax per key set, each set's probabilities scaled by its blend weight
         per query pixel (``1 - m``, ``m``), one value product. Per head: ``(1 - m) P V + m P' V'``, the explicit
         processor's blend. ``m == 0`` scales ``P'`` to exact zeros, so the result is ``P V`` plus zero products.
-        ``weights``: (N, 1, P, 2, 1), :meth:`SafeCtrlState.key_set_weights_at`. Fewer graph nodes than :meth:`_attend_both` (no repeated query, no head-group sum)."""
+        ``weights``: (N, 1, P, 2, 1), :meth:`SafeCtrlState.key_set_weights_at`. Fewer graph nodes than
+        :meth:`_attend_both` (no repeated query, no head-group sum)."""
         heads = attn.heads
         n, p, inner = query.shape
         d = inner // heads
@@ -245,11 +247,10 @@ class SafetyGuidanceProcessor(nn.Module):
         if explicit and state.blend is not None and not self.detect:
             z = self._attend_blended(attn, query, encoder_hidden_states, state.key_set_weights_at(p))
         elif explicit and state.blend is not None:
-            # the exported graph: one attention for Z and Z' and the blend as one weighted sum over the two
-            # head groups, Z (1 - m) + Z' m (m == 0 gives Z * 1 + Z' * 0 == Z exactly)
+            # the detect layer in the exported graph: one attention for Z (the detector's features) and Z', the
+            # blend one weighted sum over the two head groups, Z (1 - m) + Z' m (m == 0 gives Z exactly)
             both = self._attend_both(attn, query, encoder_hidden_states)
-            if self.detect:
-                state.features = torch.cat([hidden_states, self._merge_heads(both[:, 0])], dim=-1)
+            state.features = torch.cat([hidden_states, self._merge_heads(both[:, 0])], dim=-1)
             m = state.blend_at(p)                                                # (N, 1, P)
             weights = torch.cat([1.0 - m, m], dim=1)[:, :, None, :, None]         # (N, 2, 1, P, 1)
             z = self._merge_heads((both * weights).sum(dim=1))

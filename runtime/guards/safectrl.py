@@ -12,7 +12,8 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   / implicit 40 / 47 / 43% blending both rows, 23 / 23 / 13% blending the conditional row only) or the same
   mask (``blend_uncond: true``, bundles made before the option). And
   ``safectrl_active`` = 1 from step index ``ceil(start_step_fraction * steps)`` on (the later, less noisy
-  steps), else 0. The graph blends with ``active * min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` and outputs
+  steps), else 0. The graph blends with
+  ``active * min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` and outputs
   ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place: the
   per-step host work is a handful of numpy calls) (with ``latch_threshold`` set: from the active steps on, a
@@ -86,7 +87,8 @@ class SafeCtrl(Guard):
         if not math.isfinite(top):
             raise ValueError("safectrl_mask has NaN/Inf")
         latch = self.config.get("latch_threshold")
-        if latch is not None and i + 1 >= self.start_step(ctx.steps) and (st["latched"] is not None or top >= latch):
+        latching = latch is not None and i + 1 >= self.start_step(ctx.steps)
+        if latching and (st["latched"] is not None or top >= latch):
             # hysteresis: a pixel whose smoothed mask reached latch_threshold during the active steps keeps
             # (at least) that value, so suppression stays on where the object was once it has faded it
             held = np.where(kept >= float(latch), kept, np.float32(0))
@@ -106,7 +108,8 @@ class SafeCtrl(Guard):
         st["fed_max"] = top
         cond = kept if per_image else kept[ctx.cond_rows]
         report = ctx.report[self.name]
-        report["coverage"].append(round(np.count_nonzero(cond > float(self.config["coverage_threshold"])) / cond.size, 4))
+        covered = np.count_nonzero(cond > float(self.config["coverage_threshold"]))
+        report["coverage"].append(round(covered / cond.size, 4))
         report["max_mask"].append(round(top if per_image else float(cond.max()), 4))
         report["time_ms"] = round(report["time_ms"] + (time.perf_counter() - t0) * 1000, 3)
 

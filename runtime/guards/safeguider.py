@@ -32,8 +32,9 @@ equivalence test and the latency comparison.
 
 The final prompt's text-stage outputs (``hidden``, ``eos``, ``safe_score`` and any fused head such as
 SafePatch's gate) replace the prompt row of ``ctx.text``: the guards after this one see the conditioning the
-UNet will get. The unconditional row is untouched. ``ctx.report["safeguider"]``: score, verdict, words_removed, final_prompt,
-candidates_scored, depth, text_calls, time_ms (and the final score and similarity when searched).
+UNet will get. The unconditional row is untouched. ``ctx.report["safeguider"]``: score, verdict,
+words_removed, final_prompt, candidates_scored, depth, text_calls, time_ms (and the final score and similarity
+when searched).
 """
 
 from __future__ import annotations

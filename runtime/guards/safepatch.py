@@ -116,7 +116,7 @@ class SafePatch(Guard):
         state = ctx.state_of(self.name)
         b, _, h, w = x.shape
         n = 2 * b if ctx.cfg else b
-        if not state["active"]:  # not reached from Pipeline (prepare_steps); kept for callers driving the hooks
+        if not state["active"]:  # the pipeline does not call it then (prepare_steps); the plain UNet's feeds
             return self.zero_feeds(n, h, w)
         t0 = time.perf_counter()
         enc = ctx.feeds["encoder_hidden_states"]
