@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="embed a post-hoc image checker (an ONNX image classifier) as component image_checker")
     b.add_argument("--checker-config", type=Path, default=None, metavar="JSON",
                    help="its config (default: the .json beside the .onnx; see runtime/guards/image_checker.py)")
+    b.add_argument("--no-idle-graph", dest="idle_graph", action="store_false",
+                   help="guarded ONNX bundles: leave out denoise_idle, the denoise graph without the guards' step "
+                        "inputs that runs while they are zero (export/idle.py)")
     return p
 
 
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         height=args.height, width=args.width, batch=args.batch, dynamic_hw=args.dynamic_hw,
                         profile=args.profile, guards=[g for g in args.guards.split(",") if g],
                         guard_dir=args.guard_dir, exporter=args.exporter, timing_cache=args.timing_cache, config=args.config,
-                        family=args.family, checker=args.checker, checker_config=args.checker_config)
+                        family=args.family, checker=args.checker, checker_config=args.checker_config,
+                        idle_graph=args.idle_graph)
     try:
         path = build(opts)
     except RuntimeToolError as e:

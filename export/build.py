@@ -22,9 +22,10 @@ from runtime.manifest import Manifest
 
 from .bundle import onnx_component, tokenizer_components, write_bundle
 from .guards import GUARDS
+from .idle import IDLE_GRAPH, export_idle_graph, share_weights, wants_idle_graph
 
 KIND_OF_GRAPH = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "denoise": "denoise",
-                 "vae_decoder": "vae_decoder"}
+                 "denoise_idle": "denoise", "vae_decoder": "vae_decoder"}
 """Component kind of each backbone graph; a guard's own graphs (``redirect``, ``safepatch``) are kind
 ``guard`` and take the build profile's precision of their own name (default fp32)."""
 
@@ -48,6 +49,7 @@ class BuildOptions:
     family: str | None = None
     checker: Path | None = None           # ONNX image classifier embedded as component "image_checker"
     checker_config: Path | None = None    # its JSON config (default: the .json beside the .onnx)
+    idle_graph: bool = True               # guarded ONNX bundles: add denoise_idle (export/idle.py)
 
 
 def _checker_entry(opts: BuildOptions) -> dict | None:
@@ -164,6 +166,8 @@ def build(opts: BuildOptions) -> Path:
                            extensions=[e for g in guards.values() for e in g.extensions], **common)
         for g in guards.values():
             specs += [export_graph(tmp / "fp32", common) for export_graph in g.graphs]
+        if opts.backend == "onnx" and opts.idle_graph and wants_idle_graph(guards):
+            specs.append(export_idle_graph(backbone, guards, tmp / "fp32", common))
         bar.update()
 
         stage("precision")
@@ -211,11 +215,19 @@ def build(opts: BuildOptions) -> Path:
                 payloads[graph.name] = engine
             bar.update()
         else:
-            for spec, path, prec in graphs:
-                comps, pays = onnx_component(spec["name"], KIND_OF_GRAPH.get(spec["name"], "guard"), path,
-                                             precision=prec,
-                                             extra={"exporter": spec.get("exporter", exporter),
-                                                    **({"note": notes[spec["name"]]} if spec["name"] in notes else {})})
+            paths = {spec["name"]: path for spec, path, _ in graphs}
+            shared = None
+            if IDLE_GRAPH in paths:  # one external-data file for both denoise graphs
+                stage("sharing the denoise weights")
+                paths["denoise"], paths[IDLE_GRAPH], shared = share_weights(paths["denoise"], paths[IDLE_GRAPH],
+                                                                            tmp / "shared")
+            for spec, _, prec in graphs:
+                name = spec["name"]
+                extra = {"exporter": spec.get("exporter", exporter), **({"note": notes[name]} if name in notes else {})}
+                if name == IDLE_GRAPH:
+                    extra |= {"idle_of": "denoise", "shared_weights": shared}
+                comps, pays = onnx_component(name, KIND_OF_GRAPH.get(name, "guard"), paths[name], precision=prec,
+                                             extra=extra, shared_data="denoise.data" if name == IDLE_GRAPH else None)
                 components += comps
                 payloads |= pays
 

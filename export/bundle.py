@@ -197,12 +197,15 @@ def _progress_reporter(progress: Progress | None, total: int,
 # -- component helpers ----------------------------------------------------------------------------------------
 
 def onnx_component(name: str, kind: str, path: str | os.PathLike, precision: str = "fp32",
-                   **fields) -> tuple[list[ComponentSpec], dict[str, Path]]:
+                   shared_data: str | None = None, **fields) -> tuple[list[ComponentSpec], dict[str, Path]]:
     """Components and payloads for one ONNX graph file: I/O specs read from the graph, plus its external data.
 
     A graph saved with external data (required above 2 GB) must keep it in ONE file next to the graph;
     that file becomes a component ``"<name>.data"`` whose ``extra["filename"]`` is the location the graph
-    references, so ``runtime unpack`` recreates a loadable pair. ``fields`` go to the graph's ComponentSpec.
+    references, so ``runtime unpack`` recreates a loadable pair. ``shared_data`` names an external-data
+    component another graph already brings (the idle denoise graph's weights are the full graph's,
+    ``export/idle.py``): the graph references it and no data component is added. ``fields`` go to the
+    graph's ComponentSpec.
     """
     import onnx  # export-time only
 
@@ -218,7 +221,9 @@ def onnx_component(name: str, kind: str, path: str | os.PathLike, precision: str
     if len(locations) > 1:
         raise BadInputError(f"ONNX graph {path} keeps its weights in {len(locations)} external files: re-save "
                             "it with onnx.save(..., save_as_external_data=True, all_tensors_to_one_file=True)")
-    if locations:
+    if locations and shared_data is not None:
+        graph.external_data = shared_data
+    elif locations:
         location = locations.pop()
         data = ComponentSpec(name=f"{name}.data", kind="external_data", backend="file",
                              extra={"filename": location})

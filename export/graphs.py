@@ -321,8 +321,9 @@ def export_text_encoder(backbone, index: int, out_path: str | Path, *, batch: in
 def export_denoise(backbone, out_path: str | Path, *, height: int | None = None, width: int | None = None,
                    dynamic_hw: bool = False, batch: int = 2, residual_inputs: bool = False,
                    extensions: Sequence[DenoiseExtension] = (), exporter: str = DEFAULT_EXPORTER,
-                   opset: int = OPSET, progress: Progress | None = None) -> dict:
-    """Export the denoise step (UNet call, plus optional guard extensions) of ``backbone``.
+                   opset: int = OPSET, progress: Progress | None = None, name: str = "denoise") -> dict:
+    """Export the denoise step (UNet call, plus optional guard extensions) of ``backbone`` as graph ``name``
+    (``denoise``; ``denoise_idle`` for a guarded bundle's idle variant, see ``export/idle.py``).
 
     ``height``/``width`` are image pixels (default: the backbone's image size) and must be multiples of
     ``vae_scale_factor * 2**(UNet levels - 1)``; with ``dynamic_hw`` they only size the dummy input and the
@@ -342,11 +343,11 @@ def export_denoise(backbone, out_path: str | Path, *, height: int | None = None,
                      for ext in module.extensions for spec in ext.inputs}
     args = tuple(extra_dummies[s.name] if s.name in extra_dummies else _denoise_dummy(s, sizes, backbone)
                  for s in module.input_specs)
-    metadata = {"graph": "denoise", "timestep": "(1,) float32, broadcast to N",
+    metadata = {"graph": name, "timestep": "(1,) float32, broadcast to N",
                 "latent_multiple": str(unet_multiple(unet)), "fp16": "allowed",
                 "residual_inputs": str(residual_inputs).lower(),
                 "extensions": ",".join(type(ext).__name__ for ext in module.extensions)}
-    return _export_graph(backbone, "denoise", module, args, module.input_specs, module.output_specs, out_path,
+    return _export_graph(backbone, name, module, args, module.input_specs, module.output_specs, out_path,
                          sizes=sizes, exporter=exporter, opset=opset, metadata=metadata, progress=progress,
                          multiples={"h": unet_multiple(unet), "w": unet_multiple(unet)})
 

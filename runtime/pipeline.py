@@ -117,6 +117,7 @@ class Pipeline:
         self.dynamic_hw = bool(self.defaults.get("dynamic_hw", False)) or self.static_hw is None
         self.latent_multiple = _latent_multiple(m, engines["denoise"])
         self.max_batch = int((self.defaults.get("batch") or [1, 1, 1])[-1])
+        self.idle_inputs, self.idle_dropped = _idle_graph_inputs(bundle, engines)
 
     # -- opening ------------------------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class Pipeline:
                               f"config ({e}): pick another scheduler or rebuild the bundle") from None
         shape = (batch, self.channels, height // self.vae_factor, width // self.vae_factor)
         rng, noise = initial_noise(seed, shape)
-        denoise = self.engines["denoise"]
+        denoise, idle = self.engines["denoise"], self.engines.get("denoise_idle")
 
         guard_ms = {g.name: 0.0 for g in self.guards}
         step_guards = []  # the guards with per-step work in this call
@@ -293,6 +294,11 @@ class Pipeline:
                 step_guards.append(guard)
             guard_ms[guard.name] += time.perf_counter() - t0
         step = [0]
+        # the idle denoise graph (export/idle.py) runs a step only when every input it lacks is all zeros, by
+        # value: the call's constant feeds are checked once here, the guards' step feeds at every step
+        idle_ok = idle is not None and not any(np.any(ctx.feeds[n]) for n in self.idle_dropped if n in ctx.feeds)
+        step_dropped = [n for n in self.idle_dropped if n not in ctx.feeds]
+        idle_steps: list[int] = []
 
         def model_fn(x: np.ndarray, t: np.float32) -> np.ndarray:
             x_in = np.concatenate([x, x]) if cfg else x
@@ -301,8 +307,13 @@ class Pipeline:
                 t0 = time.perf_counter()
                 feeds.update(run_hook(guard, "step_feeds", ctx, step[0], t, x) or {})
                 guard_ms[guard.name] += time.perf_counter() - t0
-            outputs = denoise.infer({**feeds, "sample": np.ascontiguousarray(x_in, dtype=np.float32),
-                                     "timestep": np.array([t], dtype=np.float32)})
+            feeds["sample"] = np.ascontiguousarray(x_in, dtype=np.float32)
+            feeds["timestep"] = np.array([t], dtype=np.float32)
+            if idle_ok and not any(n not in feeds or np.any(feeds[n]) for n in step_dropped):
+                outputs = idle.infer({n: feeds[n] for n in self.idle_inputs})
+                idle_steps.append(step[0])
+            else:
+                outputs = denoise.infer(feeds)
             for guard in step_guards:
                 t0 = time.perf_counter()
                 run_hook(guard, "after_step", ctx, step[0], t, outputs)
@@ -328,6 +339,8 @@ class Pipeline:
                 callback(i, steps, t)
 
         ms["denoise_steps"] = per_step
+        if idle is not None:
+            ms["denoise_idle_steps"] = idle_steps  # step indices that ran denoise_idle
         latent = sample(plan, model_fn, noise, noise_fn=noise_fn, callback=on_step)
         for name, seconds in guard_ms.items():
             ms[f"guard_steps.{name}"] = round(seconds * 1000, 3)
@@ -420,6 +433,24 @@ def _latent_multiple(manifest, denoise_engine) -> int:
         return max(1, int(value)) if value is not None else 8
     except (TypeError, ValueError):
         return 8
+
+
+def _idle_graph_inputs(bundle: Bundle, engines: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(inputs of denoise_idle, inputs of denoise it lacks)``, the latter smallest rank first (the cheapest to
+    check every step); two empty lists when the bundle has no idle graph (export/idle.py). BundleError unless
+    its inputs are a subset of the denoise graph's and its outputs the same."""
+    if "denoise_idle" not in engines:
+        return [], []
+    m = bundle.manifest
+    full, idle = m.component("denoise"), m.component("denoise_idle")
+    full_in = {t.name: t for t in full.inputs}
+    extra_in = [t.name for t in idle.inputs if t.name not in full_in]
+    if extra_in or {t.name for t in idle.outputs} != {t.name for t in full.outputs}:
+        raise BundleError(f"{bundle.path}: denoise_idle does not match the denoise graph (its inputs must be a "
+                          f"subset and its outputs the same; extra inputs: {extra_in or 'none'}): rebuild the bundle")
+    names = {t.name for t in idle.inputs}
+    dropped = sorted((t for t in full.inputs if t.name not in names), key=lambda t: (len(t.shape), t.name))
+    return [t.name for t in idle.inputs], [t.name for t in dropped]
 
 
 def _check_family(bundle: Bundle) -> None:

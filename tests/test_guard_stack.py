@@ -65,6 +65,32 @@ def test_stack_unsafe_prompt_engages_the_guards(stack):
     assert g["safepatch"]["active"] == alone["active"]
 
 
+def test_idle_graph_runs_exactly_where_the_guards_are_idle(stack):
+    """``denoise_idle`` (export/idle.py: no residual inputs, no ``safectrl_active``, no Safety Guidance branch)
+    computes what the full graph computes with those inputs at zero, and the pipeline runs it for exactly the
+    steps where SafePatch is gated off and SafeCtrl does not blend."""
+    full, idle = stack.engines["denoise"], stack.engines["denoise_idle"]
+    dropped = {t.name for t in full.component.inputs} - {t.name for t in idle.component.inputs}
+    assert dropped == {f"down_residual_{i}" for i in range(6)} | {"mid_residual", "safectrl_active"}
+    rng = np.random.default_rng(0)
+    feeds = {t.name: rng.random(_shape(t), dtype=np.float32) for t in idle.component.inputs}
+    feeds["timestep"] = np.array([500.0], np.float32)
+    zeros = {t.name: np.zeros(_shape(t), np.float32) for t in full.component.inputs if t.name in dropped}
+    got, want = idle.infer(feeds), full.infer({**feeds, **zeros})
+    assert set(got) == set(want)
+    for name in got:
+        assert np.abs(got[name] - want[name]).max() <= 1e-5, name
+    for prompt in (BENIGN, UNSAFE):  # (test_safepatch checks a patched call: no idle step)
+        r = stack.generate(prompt, seed=3, **SETTINGS).report
+        g = r["guards"]
+        busy = set(g["safectrl"]["blending_steps"]) | (set(range(SETTINGS["steps"])) if g["safepatch"]["active"] else set())
+        assert r["stages_ms"]["denoise_idle_steps"] == [i for i in range(SETTINGS["steps"]) if i not in busy]
+
+
+def _shape(spec):  # the stack bundle's graphs are static but for the batch axis "N"
+    return [2 if d == "N" else d for d in spec.shape]
+
+
 def test_concurrent_calls_match_sequential(stack):
     jobs = [(BENIGN, 0), (UNSAFE, 1), (UNSAFE, 2), (BENIGN, 3)]
     sequential = [stack.generate(p, seed=s, **SETTINGS) for p, s in jobs]

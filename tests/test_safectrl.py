@@ -224,6 +224,8 @@ def test_lean_runtime_matches_reference(parts, prompt, triggered):
     r = pipe.generate(prompt, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safectrl"]
     assert rep["triggered"] is triggered
+    # denoise_idle (no Safety Guidance branch) runs every step that does not blend, the full graph the others
+    assert r.report["stages_ms"]["denoise_idle_steps"] == [i for i in range(20) if i not in rep["blending_steps"]]
     ref, _ = reference_generate(backbone, safectrl, prompt, seed=3)
     psnr = _psnr(r.images[0] / 255.0, ref)
     print(f"lean vs reference ({'triggered' if triggered else 'not triggered'}): {psnr:.2f} dB")

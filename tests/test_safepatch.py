@@ -144,6 +144,7 @@ def test_benign_prompt_is_gated_off_and_bit_identical(gpipe, base_pipe):
     base = base_pipe.generate(BENIGN, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safepatch"]
     assert rep["active"] is False and rep["steps_patched"] == 0
+    assert r.report["stages_ms"]["denoise_idle_steps"] == list(range(20))  # the residual-free graph every step
     assert np.array_equal(r.images[0], base.images[0])
 
 
@@ -167,11 +168,34 @@ def test_gated_off_guard_has_no_step_work(gpipe):
             assert all(v.shape[0] == 2 and not v.any() for v in ctx.feeds.values())
 
 
+def test_idle_graph_is_the_plain_unet_over_the_same_weights(gpipe, base_pipe):
+    """``denoise_idle`` (export/idle.py) takes the plain UNet's inputs, keeps no weights of its own (every
+    initializer references the full graph's data file), and computes what the full graph computes with zero
+    residuals, and what the unguarded bundle's denoise graph computes."""
+    m = gpipe.bundle.manifest
+    full, idle = m.component("denoise"), m.component("denoise_idle")
+    assert idle.external_data == full.external_data == "denoise.data"
+    assert [t.name for t in idle.inputs] == [t.name for t in base_pipe.bundle.manifest.component("denoise").inputs]
+    shared = idle.extra["shared_weights"]
+    data = m.component("denoise.data").size
+    print(f"denoise_idle: {idle.size / 2**20:.2f} MiB graph, {shared}; shared data file {data / 2**20:.1f} MiB")
+    assert shared["own"] == 0 and shared["shared_bytes"] > 0.9 * data and idle.size < 0.2 * data
+    x, t, c, _ = (a.numpy() for a in _inputs(seed=5))
+    feeds = {"sample": x, "timestep": t, "encoder_hidden_states": c}
+    guard = next(g for g in gpipe.guards if g.name == "safepatch")
+    got = gpipe.engines["denoise_idle"].infer(feeds)["noise_pred"]
+    zero = gpipe.engines["denoise"].infer({**feeds, **guard.zero_feeds(2, 16, 16)})["noise_pred"]
+    plain = base_pipe.engines["denoise"].infer(feeds)["noise_pred"]
+    assert np.array_equal(got, plain)
+    assert np.abs(got - zero).max() <= 1e-5
+
+
 def test_unsafe_prompt_activates_the_patch(gpipe, base_pipe):
     r = gpipe.generate(UNSAFE, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safepatch"]
     assert rep["active"] is True and rep["category"] == "weapon"
     assert rep["instruction"] == "remove the knife" and rep["steps_patched"] == 20 and rep["time_ms"] > 0
+    assert r.report["stages_ms"]["denoise_idle_steps"] == []  # nonzero residuals: the full graph every step
     assert not np.array_equal(r.images[0], base_pipe.generate(UNSAFE, seed=3, steps=20, guidance=5.0).images[0])
 
 

@@ -15,6 +15,9 @@ it adds:
 - ``graphs``: callables ``(out_dir: Path, common: dict) -> spec`` exporting the guard's own graphs
   (SafeRedir's ``redirect``, SafePatch's ``safepatch``); ``common`` holds the export options (exporter,
   opset, progress, height, width, dynamic_hw);
+- ``idle_extensions``: the guard's part of the idle denoise graph (``denoise_idle``, ``export/idle.py``): what the
+  full graph computes when the guard's step inputs are zero (SafePatch: nothing, its residual inputs dropped;
+  SafeCtrl: the detector and mask state without the blend branch and ``safectrl_active``);
 - ``config``: the guard's manifest entry (thresholds, beam width, check steps, EMA alpha, which graph it
   uses...), read by ``runtime/guards/<name>.py``.
 
@@ -40,6 +43,7 @@ class GuardParts:
     extensions: list = field(default_factory=list)
     graphs: list[Callable[[Path, dict], dict]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    idle_extensions: list = field(default_factory=list)
 
 
 def weights_dir(model: Path, guard: str, root: Path | None = None) -> Path:

@@ -355,18 +355,24 @@ class SafeCtrl(nn.Module):
 
 
 class SafeCtrlExtension(DenoiseExtension):
-    """The denoise-graph hooks: blend weight from the state before the UNet, the new smoothed mask after."""
+    """The denoise-graph hooks: blend weight from the state before the UNet, the new smoothed mask after.
+
+    ``blend=False`` is the form in the bundle's idle denoise graph (``export/idle.py``): no ``safectrl_active``
+    input and no Safety Guidance branch (every attn2 the stock attention), only the detector and the mask
+    state. It computes what the full graph computes with ``safectrl_active`` = 0, where the blend weight is
+    exactly 0; the runtime feeds 0 whenever no pixel of the fed mask reaches ``tau`` (the blend would be 0)."""
 
     inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, "h", "w")), TensorSpec("safectrl_active", (1,)))
     outputs = (TensorSpec("safectrl_mask", ("N", 1, "h", "w")),)
 
-    def __init__(self, safectrl: SafeCtrl, latent_hw: tuple[int, int] | None = None):
+    def __init__(self, safectrl: SafeCtrl, latent_hw: tuple[int, int] | None = None, blend: bool = True):
         super().__init__()
         self.safectrl = safectrl
-        if latent_hw is not None:  # static graphs: the mask state has the latent's fixed size
-            h, w = (int(v) for v in latent_hw)
-            self.inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, h, w)), TensorSpec("safectrl_active", (1,)))
-            self.outputs = (TensorSpec("safectrl_mask", ("N", 1, h, w)),)
+        self.blend = blend
+        hw = ("h", "w") if latent_hw is None else tuple(int(v) for v in latent_hw)  # static: the latent's size
+        self.inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, *hw)),
+                       *((TensorSpec("safectrl_active", (1,)),) if blend else ()))
+        self.outputs = (TensorSpec("safectrl_mask", ("N", 1, *hw)),)
 
     def dummy(self, spec: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
         if spec.name == "safectrl_active":
@@ -376,7 +382,8 @@ class SafeCtrlExtension(DenoiseExtension):
     def before_unet(self, inputs, unet_kwargs):
         state = self.safectrl.state
         state.reset()
-        state.blend = self.safectrl.blend_weight(inputs["safectrl_mask_prev"], inputs["safectrl_active"])
+        if self.blend:
+            state.blend = self.safectrl.blend_weight(inputs["safectrl_mask_prev"], inputs["safectrl_active"])
         return {}
 
     def after_unet(self, inputs, noise_pred):
@@ -411,4 +418,5 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
               "latch_threshold": c["latch_threshold"],
               "state_input": "safectrl_mask_prev", "state_output": "safectrl_mask",
               "active_input": "safectrl_active", "categories": list(c["categories"])}
-    return GuardParts(extensions=[SafeCtrlExtension(safectrl, latent_hw)], config=config)
+    return GuardParts(extensions=[SafeCtrlExtension(safectrl, latent_hw)], config=config,
+                      idle_extensions=[SafeCtrlExtension(safectrl, latent_hw, blend=False)])

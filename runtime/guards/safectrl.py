@@ -12,7 +12,9 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   / implicit 40 / 47 / 43% blending both rows, 23 / 23 / 13% blending the conditional row only) or the same
   mask (``blend_uncond: true``, bundles made before the option). And
   ``safectrl_active`` = 1 from step index ``ceil(start_step_fraction * steps)`` on (the later, less noisy
-  steps), else 0. The graph blends with
+  steps) where the fed mask reaches ``mask_threshold`` somewhere, else 0 (below the threshold everywhere the
+  blend weight is exactly 0 either way; a 0 lets the pipeline run the bundle's idle denoise graph, the UNet
+  and the detector without the Safety Guidance branch, ``export/idle.py``). The graph blends with
   ``active * min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` and outputs
   ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place: the
@@ -68,14 +70,16 @@ class SafeCtrl(Guard):
         if st["feed"] is None or st["feed"].shape != (rows, 1, *x.shape[-2:]):
             st["feed"] = np.zeros((rows, 1, *x.shape[-2:]), np.float32)  # zeros at step 0
         active = i >= self.start_step(ctx.steps)
+        blending = active and st["fed_max"] >= float(self.config["mask_threshold"])
         report = ctx.report[self.name]
         if active:
             report["active_steps"].append(i)
-            if st["fed_max"] >= float(self.config["mask_threshold"]):
-                report["blending_steps"].append(i)
-                report["triggered"] = True
+        if blending:
+            report["blending_steps"].append(i)
+            report["triggered"] = True
         report["time_ms"] += (time.perf_counter() - t0) * 1000
-        return {self.config["state_input"]: st["feed"], self.config["active_input"]: _ONE if active else _ZERO}
+        # active = 0 where the graph's blend weight would be 0 anyway: the pipeline may run denoise_idle then
+        return {self.config["state_input"]: st["feed"], self.config["active_input"]: _ONE if blending else _ZERO}
 
     def after_step(self, ctx: GuardContext, i: int, t: np.float32, outputs: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
