@@ -221,6 +221,10 @@ def aggregate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if n_steps:
         stages["denoise_steps"] = [summary([p[i] for p in per_step]) for i in range(n_steps)]
         stages["denoise_step"] = summary([x for p in per_step for x in p])  # median over every step of every run
+    idle = [len(s["denoise_idle_steps"]) / len(s["denoise_steps"]) for s in samples
+            if "denoise_idle_steps" in s and s.get("denoise_steps")]
+    if idle:  # share of steps that ran the bundle's denoise_idle graph (export/idle.py)
+        stages["denoise_idle_share"] = round(sum(idle) / len(idle), 4)
     return {"stages_ms": stages, "end_to_end_ms": summary([s["end_to_end"] for s in samples])}
 
 
@@ -265,6 +269,9 @@ def markdown(result: dict[str, Any]) -> str:
     if "step_ratio_vs_baseline" in result:
         lines.append(f"step_ratio_vs_baseline (one denoise step incl. guard step hooks, median of per-pair ratios): "
                      f"{result['step_ratio_vs_baseline']:.3f}")
+    share = result.get("stages_ms", {}).get("denoise_idle_share")
+    if share is not None:
+        lines.append(f"denoise steps on the idle graph (denoise_idle, no guard step inputs): {share:.1%}")
     for name, ratio in result.get("guard_vs_denoise_step", {}).items():
         lines.append(f"{name} / one denoise step at CFG batch (medians): {ratio:.3f}")
     if "ratio_lean_vs_reference" in result:
