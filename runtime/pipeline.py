@@ -295,21 +295,24 @@ class Pipeline:
             guard_ms[guard.name] += time.perf_counter() - t0
         step = [0]
         # the idle denoise graph (export/idle.py) runs a step only when every input it lacks is all zeros, by
-        # value: the call's constant feeds are checked once here, the guards' step feeds at every step
+        # value: the call's constant feeds are checked once here, what the guards feed at a step at that step
         idle_ok = idle is not None and not any(np.any(ctx.feeds[n]) for n in self.idle_dropped if n in ctx.feeds)
-        step_dropped = [n for n in self.idle_dropped if n not in ctx.feeds]
         idle_steps: list[int] = []
+
+        def idle_step(stepped: dict[str, np.ndarray]) -> bool:
+            return idle_ok and not any(np.any(stepped[n]) if n in stepped else n not in ctx.feeds
+                                       for n in self.idle_dropped)
 
         def model_fn(x: np.ndarray, t: np.float32) -> np.ndarray:
             x_in = np.concatenate([x, x]) if cfg else x
-            feeds = dict(ctx.feeds)
+            stepped: dict[str, np.ndarray] = {}  # the guards' feeds for this step
             for guard in step_guards:
                 t0 = time.perf_counter()
-                feeds.update(run_hook(guard, "step_feeds", ctx, step[0], t, x) or {})
+                stepped.update(run_hook(guard, "step_feeds", ctx, step[0], t, x) or {})
                 guard_ms[guard.name] += time.perf_counter() - t0
-            feeds["sample"] = np.ascontiguousarray(x_in, dtype=np.float32)
-            feeds["timestep"] = np.array([t], dtype=np.float32)
-            if idle_ok and not any(n not in feeds or np.any(feeds[n]) for n in step_dropped):
+            feeds = {**ctx.feeds, **stepped, "sample": np.ascontiguousarray(x_in, dtype=np.float32),
+                     "timestep": np.array([t], dtype=np.float32)}
+            if idle_step(stepped):
                 outputs = idle.infer({n: feeds[n] for n in self.idle_inputs})
                 idle_steps.append(step[0])
             else:
