@@ -216,7 +216,7 @@ def build(opts: BuildOptions) -> Path:
             bar.update()
         else:
             paths = {spec["name"]: path for spec, path, _ in graphs}
-            shared = None
+            shared, data_of = None, {}  # graph -> its external-data component (the idle graph shares denoise's)
             if IDLE_GRAPH in paths:  # one external-data file for both denoise graphs
                 stage("sharing the denoise weights")
                 paths["denoise"], paths[IDLE_GRAPH], shared = share_weights(paths["denoise"], paths[IDLE_GRAPH],
@@ -227,7 +227,9 @@ def build(opts: BuildOptions) -> Path:
                 if name == IDLE_GRAPH:
                     extra |= {"idle_of": "denoise", "shared_weights": shared}
                 comps, pays = onnx_component(name, KIND_OF_GRAPH.get(name, "guard"), paths[name], precision=prec,
-                                             extra=extra, shared_data="denoise.data" if name == IDLE_GRAPH else None)
+                                             extra=extra, shared_data=data_of.get("denoise") if name == IDLE_GRAPH
+                                             else None)
+                data_of[name] = comps[0].external_data
                 components += comps
                 payloads |= pays
 

@@ -83,7 +83,8 @@ def test_idle_graph_runs_exactly_where_the_guards_are_idle(stack):
     for prompt in (BENIGN, UNSAFE):  # (test_safepatch checks a patched call: no idle step)
         r = stack.generate(prompt, seed=3, **SETTINGS).report
         g = r["guards"]
-        busy = set(g["safectrl"]["blending_steps"]) | (set(range(SETTINGS["steps"])) if g["safepatch"]["active"] else set())
+        patched = set(range(SETTINGS["steps"])) if g["safepatch"]["active"] else set()
+        busy = set(g["safectrl"]["blending_steps"]) | patched
         assert r["stages_ms"]["denoise_idle_steps"] == [i for i in range(SETTINGS["steps"]) if i not in busy]
 
 
