@@ -127,13 +127,65 @@ def test_zero_mask_bit_identical_pytorch(parts):
         assert not torch.equal(got, want)
 
 
+def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
+    """``blend_layers`` picks the attn2 layers with W_K'/W_V'. The detect layer always gets a processor (it
+    captures the detector's features) but, outside blend_layers, holds no weights and stays the stock
+    attention under any mask; a layer that is not an attn2 processor is refused with the choices named."""
+    from export.guards.safectrl import SafeCtrl, SafeCtrlExtension
+
+    backbone, safectrl, base = parts
+    detect = safectrl.config["detect_layer"]
+    blended = [p.name for p in safectrl.processors.values() if p.blend]
+    assert blended == safectrl.config["blend_layers"] and len(blended) >= 1
+    assert {p.name for p in safectrl.processors.values()} == set(blended) | {detect}
+    for proc in safectrl.processors.values():
+        assert (len(list(proc.parameters())) > 0) == proc.blend  # W_K'/W_V' only where it blends
+    with pytest.raises(ValueError, match="not a cross-attention"):
+        SafeCtrl.for_unet(backbone.unet, blend_layers=["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"])
+
+    # one layer blended, the detect layer not: mask 0 gives the base UNet bit for bit, a full mask the blend
+    import copy
+
+    from train.safectrl.train import blend_layers
+    layer = blend_layers(backbone.unet, "up_blocks.1")[-1]
+    assert layer != detect
+    unet = copy.deepcopy(base)
+    one = SafeCtrl.for_unet(unet, blend_layers=[layer])
+    assert not one.processors[detect.replace(".", "__")].blend
+    with torch.no_grad():
+        one.processors[layer.replace(".", "__")].to_v_safe.weight.mul_(-1.0)
+    one.install(unet)
+    x, t, emb = _inputs(backbone)
+    ext = SafeCtrlExtension(one, (16, 16))
+    with torch.no_grad():
+        want = base(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
+        for fill, same in ((0.0, True), (0.9, False)):
+            inputs = {"safectrl_mask_prev": torch.full((2, 1, 16, 16), fill), "safectrl_active": torch.ones(1)}
+            ext.before_unet(inputs, {})
+            got = unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
+            ext.after_unet(inputs, got)
+            assert torch.equal(got, want) is same
+
+
+def test_blend_layer_prefixes_select_attn2_layers(parts):
+    from train.safectrl.train import blend_layers
+
+    unet = parts[0].unet
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    assert blend_layers(unet, "all") == cross
+    assert blend_layers(unet, "up_blocks.1") == [n for n in cross if n.startswith("up_blocks.1.")]
+    assert len(blend_layers(unet, "mid_block, up_blocks.1")) == 3
+    with pytest.raises(SystemExit, match="up_blocks.9 matches no cross-attention layer"):
+        blend_layers(unet, "up_blocks.1,up_blocks.9")
+
+
 def test_merged_attention_equals_two_attentions(parts):
     """At the detect layer the exported graph computes Z and Z' as one attention over 2 x heads: the same values
     as the stock explicit processor's attention and the parallel W_K'/W_V' one, computed separately."""
     backbone, safectrl, _ = parts
     modules = dict(backbone.unet.named_modules())
     x, _, emb = _inputs(backbone)
-    for proc in safectrl.processors.values():
+    for proc in (p for p in safectrl.processors.values() if p.blend):
         attn = modules[proc.name.rsplit(".processor", 1)[0]]
         hidden = torch.randn(2, 17, attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
@@ -156,7 +208,7 @@ def test_blended_attention_equals_explicit_blend(parts):
     modules = dict(backbone.unet.named_modules())
     x, _, emb = _inputs(backbone)
     gen = torch.Generator().manual_seed(3)
-    for proc in safectrl.processors.values():
+    for proc in (p for p in safectrl.processors.values() if p.blend):
         attn = modules[proc.name.rsplit(".processor", 1)[0]]
         hidden = torch.randn(2, 16, attn.to_q.in_features, generator=gen)
         soft = torch.rand(2, 1, 4, 4, generator=gen)
@@ -273,3 +325,15 @@ def test_bundle_at_another_image_size(tmp_path):
     r = pipe.generate(UNSAFE, seed=0, steps=10, guidance=5.0, height=128, width=128)
     assert r.images[0].shape == (128, 128, 3)
     assert len(r.report["guards"]["safectrl"]["max_mask"]) == 10
+
+
+@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
+def test_locality_measures_change_inside_and_outside_the_mask():
+    """``python -m train.safectrl.locality`` (the README's inside/outside figures) on one prompt per group: the
+    triggered images change more inside SafeCtrl's own mask than outside it."""
+    from train.safectrl.locality import measure
+
+    result = measure(PLAN, ROOT / "engines" / "tinyworld.plan", per_group=1)
+    rows = [r for r in result["rows"] if r["triggered"] and r["change_inside"] is not None]
+    assert result["summary"]["images"] == 3 and rows
+    assert all(r["change_inside"] > r["change_outside"] for r in rows)

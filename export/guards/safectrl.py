@@ -12,9 +12,10 @@ arguments):
   probability ``p = 1 - A_cross[safe]``; a self-attention map of the features ``A_self = softmax(Q_s K_s^T)``
   spreads it over similar pixels: ``M = A_self @ vec(p)`` (values in [0, 1]), upsampled to the latent
   resolution.
-- **Safety Guidance Block** (:class:`SafetyGuidanceProcessor`, one per ``attn2``): a parallel attention with
-  its own ``W_K'``, ``W_V'`` (initialised from the layer's ``W_K``, ``W_V``) over the same text features and
-  the same query, blended before ``to_out``: ``Z_new = Z * (1 - M_bar) + Z' * M_bar``, ``M_bar`` area-pooled
+- **Safety Guidance Block** (:class:`SafetyGuidanceProcessor`, one per ``attn2`` in ``blend_layers``, default
+  every attn2; tinyworld blends the two up-path layers at 1/2 resolution, see train/safectrl/README.md): a
+  parallel attention with its own ``W_K'``, ``W_V'`` (initialised from the layer's ``W_K``, ``W_V``) over the
+  same text features and the same query, blended before ``to_out``: ``Z_new = Z * (1 - M_bar) + Z' * M_bar``, ``M_bar`` area-pooled
   to the layer's resolution. ``M_bar`` is the smoothed mask hard-thresholded at ``tau`` and, above it, scaled
   by ``mask_gain`` (clamped to 1; gain 1 is the published blend, 10 on tinyworld: a near-binary blend inside
   the detected region, chosen by a PyTorch-reference sweep because the soft ~0.55 mask left the knife
@@ -23,12 +24,12 @@ arguments):
 In the exported graph each blended layer is ONE attention over both key sets (``[K; K']``, ``[V; V']``, 2 S
 keys): a softmax per key set, each set's probabilities scaled by its blend weight per pixel (``1 - M_bar``,
 ``M_bar``), one value product: ``(1 - M_bar) P V + M_bar P' V'`` per head, the explicit processor's blend. The
-detect layer, which also needs the unblended Z for the detector's features, computes Z and Z' as one attention
-over twice the heads and blends them with one weighted sum. The pooled blend weights are computed once per
-resolution and shared by the layers at it. Graph nodes, not FLOPs, dominate the guidance branch's cost on a
-small UNet: ~76 extra nodes after ONNX Runtime's optimiser (~170 with two attentions per layer); denoise graph
-alone on tinyworld (2 cores) 1.09x the plain UNet, 1.11x with the head-group blend in every layer. Eager
-PyTorch keeps the two attentions (SDPA).
+detect layer, when it blends, also needs the unblended Z for the detector's features: it computes Z and Z' as
+one attention over twice the heads and blends them with one weighted sum. The pooled blend weights are computed
+once per resolution and shared by the layers at it. Graph nodes, not FLOPs, dominate the guidance branch's cost
+on a small UNet: with all 7 attn2 layers blended, 76 extra nodes after ONNX Runtime's optimiser and the denoise
+graph alone 1.09x the plain UNet on tinyworld (2 cores); with tinyworld's 2 (``up_blocks.1``), 44 extra nodes
+(22 of them the detector) and ~1.03-1.05x. Eager PyTorch keeps the two attentions (SDPA).
 
 Per-step state (graph inputs/outputs of :class:`SafeCtrlExtension`): the runtime feeds the previous smoothed
 mask ``safectrl_mask_prev (N, 1, h, w)`` and ``safectrl_active (1,)`` (1 in the later steps, 0 before); the
@@ -69,7 +70,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "coverage_threshold": 0.5,
     "blend_uncond": False,          # CFG: the unconditional row stays the plain UNet (suppression x guidance)
     "latch_threshold": 0.5,         # run-time hysteresis: a pixel that reached it keeps blending (None: off)
-    "blend_layers": [],             # filled by SafeCtrl.for_unet: every attn2 processor name
+    "blend_layers": [],             # attn2 processor names with W_K'/W_V' ([]: every attn2, filled in)
 }
 
 
@@ -150,16 +151,19 @@ class SafetyGuidanceProcessor(nn.Module):
     AttnProcessor while exporting, as the backbone's own graph) plus the parallel W_K'/W_V' branch, blended by
     ``state.blend`` before ``to_out``. With no blend set it is the stock processor exactly."""
 
-    def __init__(self, name: str, state: SafeCtrlState, to_k: nn.Linear, to_v: nn.Linear, detect: bool):
+    def __init__(self, name: str, state: SafeCtrlState, to_k: nn.Linear, to_v: nn.Linear, detect: bool,
+                 blend: bool = True):
         super().__init__()
         self.name = name
         self.state = [state]  # a list: not a submodule / not in the state dict
-        self.to_k_safe = nn.Linear(to_k.in_features, to_k.out_features, bias=to_k.bias is not None)
-        self.to_v_safe = nn.Linear(to_v.in_features, to_v.out_features, bias=to_v.bias is not None)
-        with torch.no_grad():
-            self.to_k_safe.load_state_dict(to_k.state_dict())
-            self.to_v_safe.load_state_dict(to_v.state_dict())
         self.detect = detect
+        self.blend = blend  # False: the detect layer outside blend_layers (features only, no W_K'/W_V')
+        if blend:
+            self.to_k_safe = nn.Linear(to_k.in_features, to_k.out_features, bias=to_k.bias is not None)
+            self.to_v_safe = nn.Linear(to_v.in_features, to_v.out_features, bias=to_v.bias is not None)
+            with torch.no_grad():
+                self.to_k_safe.load_state_dict(to_k.state_dict())
+                self.to_v_safe.load_state_dict(to_v.state_dict())
 
     @staticmethod
     def _attend(attn, query, key, value, batch_size, explicit: bool):
@@ -244,9 +248,10 @@ class SafetyGuidanceProcessor(nn.Module):
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         p = hidden_states.shape[1]
-        if explicit and state.blend is not None and not self.detect:
+        blending = self.blend and state.blend is not None
+        if explicit and blending and not self.detect:
             z = self._attend_blended(attn, query, encoder_hidden_states, state.key_set_weights_at(p))
-        elif explicit and state.blend is not None:
+        elif explicit and blending:
             # the detect layer in the exported graph: one attention for Z (the detector's features) and Z', the
             # blend one weighted sum over the two head groups, Z (1 - m) + Z' m (m == 0 gives Z exactly)
             both = self._attend_both(attn, query, encoder_hidden_states)
@@ -261,7 +266,7 @@ class SafetyGuidanceProcessor(nn.Module):
                 state.features = torch.cat([hidden_states, z], dim=-1)
                 if state.stop_after_detect:
                     raise DetectorFeaturesReady
-            if state.blend is not None:
+            if blending:
                 z_safe = self._attend(attn, query, self.to_k_safe(encoder_hidden_states),
                                       self.to_v_safe(encoder_hidden_states), batch_size, explicit)
                 m = state.blend_at(p).transpose(1, 2)                               # (N, P, 1)
@@ -288,16 +293,20 @@ class SafeCtrl(nn.Module):
         self.uab = UnsafeAttentionBlock(int(c["feature_dim"]), num_tokens, int(c["token_dim"]))
         self.processors = nn.ModuleDict()
         if unet is not None:
-            attns = dict(unet.attn_processors)
-            layers = c["blend_layers"] or [n for n in attns if ".attn2." in n]
-            self.config["blend_layers"] = list(layers)
+            cross = [n for n in dict(unet.attn_processors) if ".attn2." in n]
+            layers = list(c["blend_layers"] or cross)
+            self.config["blend_layers"] = layers
+            for name in [*layers, c["detect_layer"]]:
+                if name not in cross:
+                    raise ValueError(f"SafeCtrl layer {name!r} is not a cross-attention (attn2) processor of this "
+                                     f"UNet: pick blend_layers / detect_layer among {cross}")
             modules = dict(unet.named_modules())
-            for name in layers:
+            # the detect layer gets a processor (it captures the detector's features) even where it does not blend
+            for name in layers + ([] if c["detect_layer"] in layers else [c["detect_layer"]]):
                 attn = modules[name.rsplit(".processor", 1)[0]]
                 self.processors[_safe_name(name)] = SafetyGuidanceProcessor(
-                    name, self.state, attn.to_k, attn.to_v, detect=name == c["detect_layer"])
-            if c["detect_layer"] not in layers:
-                raise ValueError(f"detect_layer {c['detect_layer']} is not an attn2 layer of this UNet")
+                    name, self.state, attn.to_k, attn.to_v, detect=name == c["detect_layer"],
+                    blend=name in layers)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, **overrides) -> "SafeCtrl":

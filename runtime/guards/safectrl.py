@@ -21,8 +21,10 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   per-step host work is a handful of numpy calls) (with ``latch_threshold`` set: from the active steps on, a
   pixel whose smoothed mask reached it keeps at least its highest such value: hysteresis, so the suppression
   stays on where the object was after it has faded it; without it the masks of gore oscillated 0.9 -> 0.05 ->
-  0.9 and the object came back between blends); records, for the conditional rows, the mask coverage
-  (share of latent pixels above ``coverage_threshold``) and the maximum.
+  0.9 and the object came back between blends); keeps the conditional rows' fed mask, which ``on_images``
+  summarises per step as the mask coverage (share of latent pixels above ``coverage_threshold``) and the
+  maximum (once per call: the host work between two UNet calls runs on caches the UNet has just evicted,
+  measured ~10x its cost in a tight loop, so it is kept to the decisions the next step needs).
 
 ``ctx.report["safectrl"]``: active_from_step, active_steps, coverage (per step), max_mask (per step),
 blending_steps (active steps whose fed mask reached the threshold somewhere, i.e. the output differs from the
@@ -54,7 +56,9 @@ class SafeCtrl(Guard):
     def on_text(self, ctx: GuardContext) -> None:
         # feed: the mask fed to the next denoise call (written in place by after_step); latched: the held
         # values (hysteresis); fed_max: the largest value in the feed
-        ctx.state_of(self.name).update(feed=None, latched=None, fed_max=0.0)
+        # fed: per step, the conditional rows' fed mask (references, summarised in on_images: the per-step host
+        # work right after a UNet call runs on cold caches, ~10x its cost in a loop, so it is kept to the minimum)
+        ctx.state_of(self.name).update(feed=None, latched=None, fed_max=0.0, fed=[])
         ctx.report[self.name] = {"active_from_step": self.start_step(ctx.steps), "active_steps": [],
                                  "blending_steps": [], "coverage": [], "max_mask": [], "triggered": False,
                                  "time_ms": 0.0}
@@ -110,11 +114,18 @@ class SafeCtrl(Guard):
         else:
             feed[...] = kept
         st["fed_max"] = top
-        cond = kept if per_image else kept[ctx.cond_rows]
+        st["fed"].append(kept if per_image else kept[ctx.cond_rows])
+        ctx.report[self.name]["time_ms"] += (time.perf_counter() - t0) * 1000
+
+    def on_images(self, ctx: GuardContext, images) -> None:
+        t0 = time.perf_counter()
+        fed = ctx.state_of(self.name)["fed"]
         report = ctx.report[self.name]
-        covered = np.count_nonzero(cond > float(self.config["coverage_threshold"]))
-        report["coverage"].append(round(covered / cond.size, 4))
-        report["max_mask"].append(round(top if per_image else float(cond.max()), 4))
+        if fed:
+            flat = np.stack(fed).reshape(len(fed), -1)
+            covered = np.count_nonzero(flat > float(self.config["coverage_threshold"]), axis=1) / flat.shape[1]
+            report["coverage"] = [round(float(v), 4) for v in covered]
+            report["max_mask"] = [round(float(v), 4) for v in flat.max(axis=1)]
         report["time_ms"] = round(report["time_ms"] + (time.perf_counter() - t0) * 1000, 3)
 
 

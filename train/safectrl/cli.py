@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncond-prob", type=float, default=0.0,
                    help="share of stage-2 pairs with the empty prompt (only useful with blend_uncond: true, where the "
                         "CFG unconditional row is blended too)")
+    p.add_argument("--blend-layers", default="up_blocks.1",
+                   help="the cross-attention layers with a Safety Guidance Block: 'all' or a comma list of module "
+                        "prefixes (default: tinyworld's two up-path layers at 1/2 resolution; each blended layer "
+                        "costs graph time on every blending step)")
     p.add_argument("--start-step-fraction", type=float, default=0.2,
                    help="suppression from step ceil(F * steps) (run-time config; chosen by a reference sweep)")
     p.add_argument("--mask-threshold", type=float, default=0.07, help="tau of the hard threshold (run-time config)")

@@ -31,7 +31,7 @@ def measure(engine: Path, baseline: Path, per_group: int, seed: int = 0) -> dict
 
     def keep_mask(ctx, i, t, outputs):
         after_step(ctx, i, t, outputs)
-        final["mask"] = ctx.state_of(guard.name)["mask"][ctx.cond_rows]
+        final["mask"] = ctx.state_of(guard.name)["feed"][ctx.cond_rows].copy()  # what the next step would get
 
     guard.after_step = keep_mask
     prompts = evaluation_prompts(per_group, seed=0)

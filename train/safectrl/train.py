@@ -119,15 +119,17 @@ def evaluate_masks(unet, safectrl, scheduler, data, ts=(200, 400, 600), seed=123
 # the loops
 # ---------------------------------------------------------------------------------------------------
 
-def _checkpoint(path: Path, safectrl, opt, step, log):
-    torch.save({"model": safectrl.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, path)
+def _checkpoint(path: Path, module, opt, step, log):
+    """``module``: what the stage trains (stage 1 the Unsafe Attention Block, stage 2 the processors), so a
+    stage-1 checkpoint resumes under another choice of blend layers."""
+    torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, path)
 
 
-def _resume(path: Path, safectrl, opt):
+def _resume(path: Path, module, opt):
     if not path.is_file():
         return 0, []
     ck = torch.load(path, weights_only=False)
-    safectrl.load_state_dict(ck["model"])
+    module.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
     return ck["step"], ck["log"]
 
@@ -137,7 +139,7 @@ def train_stage1(safectrl, feats: dict, *, steps, batch, lr, lambda_ce, lambda_m
     acc = Accelerator(cpu=True)
     params = list(safectrl.uab.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    start, log = _resume(ckpt, safectrl, opt) if resume else (0, [])
+    start, log = _resume(ckpt, safectrl.uab, opt) if resume else (0, [])
     uab, opt = acc.prepare(safectrl.uab, opt)
     g = torch.Generator().manual_seed(seed + start)
     n = len(feats["feats"])
@@ -157,7 +159,7 @@ def train_stage1(safectrl, feats: dict, *, steps, batch, lr, lambda_ce, lambda_m
                         "mse": round(mse.item(), 5)})
             bar.set_postfix(ce=f"{ce.item():.4f}", mse=f"{mse.item():.4f}")
         if (step + 1) % 200 == 0 or step == steps - 1:
-            _checkpoint(ckpt, safectrl, opt, step + 1, log)
+            _checkpoint(ckpt, safectrl.uab, opt, step + 1, log)
     return log
 
 
@@ -194,7 +196,7 @@ def train_stage2(unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, l
     acc = Accelerator(cpu=True)
     params = list(safectrl.processors.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start, log = _resume(ckpt, safectrl, opt) if resume else (0, [])
+    start, log = _resume(ckpt, safectrl.processors, opt) if resume else (0, [])
     procs, opt = acc.prepare(safectrl.processors, opt)
     g = torch.Generator().manual_seed(seed + 1000 + start)
     n = len(pairs["lat_unsafe"])
@@ -221,8 +223,23 @@ def train_stage2(unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, l
                         "seconds": round(time.perf_counter() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}", redirect=f"{red.item():.4f}")
         if (step + 1) % 25 == 0 or step == steps - 1:
-            _checkpoint(ckpt, safectrl, opt, step + 1, log)
+            _checkpoint(ckpt, safectrl.processors, opt, step + 1, log)
     return log
+
+
+def blend_layers(unet, spec: str) -> list[str]:
+    """``spec``: "all" or a comma list of module-path prefixes (``up_blocks.1``, ``mid_block``); the attn2
+    processors under them, in the UNet's order."""
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    if spec.strip() == "all":
+        return cross
+    prefixes = [p.strip().rstrip(".") for p in spec.split(",") if p.strip()]
+    chosen = [n for n in cross if any(n.startswith(p + ".") for p in prefixes)]
+    empty = [p for p in prefixes if not any(n.startswith(p + ".") for n in cross)]
+    if empty or not chosen:
+        raise SystemExit(f"--blend-layers {spec!r}: {', '.join(empty) or 'nothing'} matches no cross-attention "
+                         f"layer of this UNet; pass 'all' or prefixes of: {', '.join(cross)}")
+    return chosen
 
 
 def run(args) -> dict:
@@ -243,7 +260,8 @@ def run(args) -> dict:
         module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
-              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold}
+              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold,
+              "blend_layers": blend_layers(unet, args.blend_layers)}
     safectrl = SafeCtrl.for_unet(unet, **config)
     safectrl.install(unet)
     timings = {}
