@@ -131,7 +131,7 @@ def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
     """``blend_layers`` picks the attn2 layers with W_K'/W_V'. The detect layer always gets a processor (it
     captures the detector's features) but, outside blend_layers, holds no weights and stays the stock
     attention under any mask; a layer that is not an attn2 processor is refused with the choices named."""
-    from export.guards.safectrl import SafeCtrl, SafeCtrlExtension
+    from export.guards.safectrl import SafeCtrl, SafeCtrlExtension, _safe_name
 
     backbone, safectrl, base = parts
     detect = safectrl.config["detect_layer"]
@@ -141,7 +141,8 @@ def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
     for proc in safectrl.processors.values():
         assert (len(list(proc.parameters())) > 0) == proc.blend  # W_K'/W_V' only where it blends
     with pytest.raises(ValueError, match="not a cross-attention"):
-        SafeCtrl.for_unet(backbone.unet, blend_layers=["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"])
+        SafeCtrl.for_unet(backbone.unet,
+                          blend_layers=["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"])
 
     # one layer blended, the detect layer not: mask 0 gives the base UNet bit for bit, a full mask the blend
     import copy
@@ -151,9 +152,9 @@ def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
     assert layer != detect
     unet = copy.deepcopy(base)
     one = SafeCtrl.for_unet(unet, blend_layers=[layer])
-    assert not one.processors[detect.replace(".", "__")].blend
+    assert not one.processors[_safe_name(detect)].blend
     with torch.no_grad():
-        one.processors[layer.replace(".", "__")].to_v_safe.weight.mul_(-1.0)
+        one.processors[_safe_name(layer)].to_v_safe.weight.mul_(-1.0)
     one.install(unet)
     x, t, emb = _inputs(backbone)
     ext = SafeCtrlExtension(one, (16, 16))

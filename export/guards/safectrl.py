@@ -15,11 +15,11 @@ arguments):
 - **Safety Guidance Block** (:class:`SafetyGuidanceProcessor`, one per ``attn2`` in ``blend_layers``, default
   every attn2; tinyworld blends the two up-path layers at 1/2 resolution, see train/safectrl/README.md): a
   parallel attention with its own ``W_K'``, ``W_V'`` (initialised from the layer's ``W_K``, ``W_V``) over the
-  same text features and the same query, blended before ``to_out``: ``Z_new = Z * (1 - M_bar) + Z' * M_bar``, ``M_bar`` area-pooled
-  to the layer's resolution. ``M_bar`` is the smoothed mask hard-thresholded at ``tau`` and, above it, scaled
-  by ``mask_gain`` (clamped to 1; gain 1 is the published blend, 10 on tinyworld: a near-binary blend inside
-  the detected region, chosen by a PyTorch-reference sweep because the soft ~0.55 mask left the knife
-  half-drawn).
+  same text features and the same query, blended before ``to_out``: ``Z_new = Z * (1 - M_bar) + Z' * M_bar``,
+  ``M_bar`` area-pooled to the layer's resolution. ``M_bar`` is the smoothed mask hard-thresholded at ``tau``
+  and, above it, scaled by ``mask_gain`` (clamped to 1; gain 1 is the published blend, 10 on tinyworld: a
+  near-binary blend inside the detected region, chosen by a PyTorch-reference sweep because the soft ~0.55 mask
+  left the knife half-drawn).
 
 In the exported graph each blended layer is ONE attention over both key sets (``[K; K']``, ``[V; V']``, 2 S
 keys): a softmax per key set, each set's probabilities scaled by its blend weight per pixel (``1 - M_bar``,

@@ -56,8 +56,7 @@ class SafeCtrl(Guard):
     def on_text(self, ctx: GuardContext) -> None:
         # feed: the mask fed to the next denoise call (written in place by after_step); latched: the held
         # values (hysteresis); fed_max: the largest value in the feed
-        # fed: per step, the conditional rows' fed mask (references, summarised in on_images: the per-step host
-        # work right after a UNet call runs on cold caches, ~10x its cost in a loop, so it is kept to the minimum)
+        # fed: per step, the conditional rows' fed mask (references; summarised in on_images)
         ctx.state_of(self.name).update(feed=None, latched=None, fed_max=0.0, fed=[])
         ctx.report[self.name] = {"active_from_step": self.start_step(ctx.steps), "active_steps": [],
                                  "blending_steps": [], "coverage": [], "max_mask": [], "triggered": False,
