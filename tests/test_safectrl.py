@@ -338,3 +338,28 @@ def test_locality_measures_change_inside_and_outside_the_mask():
     rows = [r for r in result["rows"] if r["triggered"] and r["change_inside"] is not None]
     assert result["summary"]["images"] == 3 and rows
     assert all(r["change_inside"] > r["change_outside"] for r in rows)
+
+
+@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
+def test_after_step_runs_before_the_next_call_and_before_decoding():
+    """The pipeline runs a call's ``after_step`` once the sampler has used its prediction (off the cold caches
+    right after the UNet): still before the next call's ``step_feeds``, the last one before ``on_images``, and
+    the mask fed at step i+1 is the one written from call i's output (the report's per-step max)."""
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.open(PLAN)
+    guard = next(g for g in pipe.guards if g.name == "safectrl")
+    calls, fed_max = [], []
+    for hook in ("step_feeds", "after_step", "on_images"):
+        def record(*args, _hook=hook, _orig=getattr(guard, hook)):
+            calls.append((_hook, args[1] if _hook != "on_images" else None))
+            out = _orig(*args)
+            if _hook == "step_feeds":
+                fed_max.append(float(out["safectrl_mask_prev"].max()))
+            return out
+        setattr(guard, hook, record)
+    r = pipe.generate(UNSAFE, seed=0, steps=6)
+    want = [c for i in range(6) for c in (("step_feeds", i), ("after_step", i))] + [("on_images", None)]
+    assert calls == want
+    report = r.report["guards"]["safectrl"]
+    assert fed_max[0] == 0.0 and fed_max[1:] == pytest.approx(report["max_mask"][:-1], abs=1e-4)

@@ -222,8 +222,8 @@ class SafetyGuidanceProcessor(nn.Module):
 
         q = query.reshape(n, p, heads, d).permute(0, 2, 1, 3).reshape(n * heads, p, d)
         k = both(attn.to_k, self.to_k_safe)
-        scores = torch.baddbmm(torch.empty(q.shape[0], p, k.shape[1], dtype=q.dtype, device=q.device), q,
-                               k.transpose(-1, -2), beta=0, alpha=attn.scale)
+        # bmm then scale: get_attention_scores' baddbmm(empty, beta=0) adds an Expand of zeros and an Add of them
+        scores = torch.bmm(q, k.transpose(-1, -2)) * attn.scale
         probs = scores.reshape(n, heads, p, 2, -1).softmax(dim=-1)
         probs = (probs * weights).reshape(n * heads, p, -1)
         out = torch.bmm(probs, both(attn.to_v, self.to_v_safe))             # (N*heads, P, d)

@@ -22,7 +22,9 @@ entry is the guard's configuration (thresholds, beam width, check steps, EMA alp
    the previous smoothed mask (SafeCtrl). ``ctx.feeds`` holds the call's base conditioning feeds
    (``encoder_hidden_states`` for the UNet batch ``[uncond x batch; cond x batch]``); ``ctx.cond_rows`` is
    the slice of the conditional rows in that batch.
-4. ``after_step(ctx, i, t, outputs)`` with every output of that denoise call (guard state such as a new mask).
+4. ``after_step(ctx, i, t, outputs)`` with every output of that denoise call (guard state such as a new mask),
+   once the sampler has used the call's prediction: at the start of the next denoise call (before its
+   ``step_feeds``) or, for the last call, after the denoise loop (before decoding).
 5. ``on_images(ctx, images)`` after decoding (a post-hoc image checker); may raise :class:`ImageBlocked`.
 
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict; ``time_ms`` for its own cost);
