@@ -55,20 +55,19 @@ class SafeCtrl(Guard):
 
     def on_text(self, ctx: GuardContext) -> None:
         # feed: the mask fed to the next denoise call (written in place by after_step); latched: the held
-        # values (hysteresis); fed_max: the largest value in the feed
-        # fed: per step, the conditional rows' fed mask (references; summarised in on_images)
-        latch = self.config.get("latch_threshold")
-        # per call constants of after_step (host work between two UNet calls runs on cold caches: fewer lookups)
+        # values (hysteresis); fed_max: the largest value in the feed; fed: per step, the conditional rows' fed
+        # mask (references; summarised in on_images). The rest: per call constants of the step hooks (host work
+        # between two UNet calls runs on cold caches, so each hook looks up as little as it can)
+        per_image, start, latch = self._per_image(ctx), self.start_step(ctx.steps), self.config.get("latch_threshold")
         ctx.state_of(self.name).update(
             feed=None, latched=None, fed_max=0.0, fed=[], output=self.config["state_output"],
-            rows=ctx.cond_rows if self._per_image(ctx) else slice(None),
-            report_rows=slice(None) if self._per_image(ctx) else ctx.cond_rows,
-            uncond=ctx.batch if self._per_image(ctx) and self.config.get("blend_uncond", True) else 0,
+            rows=ctx.cond_rows if per_image else slice(None), report_rows=slice(None) if per_image else ctx.cond_rows,
+            uncond=ctx.batch if per_image and self.config.get("blend_uncond", True) else 0,
+            start=start, tau=float(self.config["mask_threshold"]),
             latch=None if latch is None else np.float32(latch),
-            latch_from=self.start_step(ctx.steps) - 1)  # the call whose output the first active step is fed
-        ctx.report[self.name] = {"active_from_step": self.start_step(ctx.steps), "active_steps": [],
-                                 "blending_steps": [], "coverage": [], "max_mask": [], "triggered": False,
-                                 "time_ms": 0.0}
+            latch_from=start - 1)  # the call whose output the first active step is fed
+        ctx.report[self.name] = {"active_from_step": start, "active_steps": [], "blending_steps": [], "coverage": [],
+                                 "max_mask": [], "triggered": False, "time_ms": 0.0}
 
     def _per_image(self, ctx: GuardContext) -> bool:
         """One mask per image (the conditional row's) rather than one per UNet row."""
@@ -80,8 +79,8 @@ class SafeCtrl(Guard):
         rows = x.shape[0] * (2 if ctx.cfg else 1)
         if st["feed"] is None or st["feed"].shape != (rows, 1, *x.shape[-2:]):
             st["feed"] = np.zeros((rows, 1, *x.shape[-2:]), np.float32)  # zeros at step 0
-        active = i >= self.start_step(ctx.steps)
-        blending = active and st["fed_max"] >= float(self.config["mask_threshold"])
+        active = i >= st["start"]
+        blending = active and st["fed_max"] >= st["tau"]
         report = ctx.report[self.name]
         if active:
             report["active_steps"].append(i)
