@@ -52,13 +52,14 @@ bundle: $(STAMP)  ## the embedded default bundle engines/tinyworld.plan (~20 s)
 # Guarded tinyworld bundles: one per guard, and the full stack (weights in models/guards/tinyworld/<guard>/).
 GUARDED := safeguider saferedir safepatch safectrl
 # a bundle is stale when the guard's weights, its config (run-time settings live there) or its export code change
+# (export/idle.py: whether the bundle carries denoise_idle)
 engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/%/model.safetensors \
-                          models/guards/tinyworld/%/config.json export/guards/%.py | $(STAMP)
+                          models/guards/tinyworld/%/config.json export/guards/%.py export/idle.py | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $* --out $@
 
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
-                              models/guards/tinyworld/$(g)/config.json export/guards/$(g).py) | $(STAMP)
+                              models/guards/tinyworld/$(g)/config.json export/guards/$(g).py) export/idle.py | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/safeguider/model.safetensors models/guards/tinyworld/saferedir/model.safetensors | $(STAMP)

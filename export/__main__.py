@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="embed a post-hoc image checker (an ONNX image classifier) as component image_checker")
     b.add_argument("--checker-config", type=Path, default=None, metavar="JSON",
                    help="its config (default: the .json beside the .onnx; see runtime/guards/image_checker.py)")
-    b.add_argument("--no-idle-graph", dest="idle_graph", action="store_false",
-                   help="guarded ONNX bundles: leave out denoise_idle, the denoise graph without the guards' step "
-                        "inputs that runs while they are zero (export/idle.py)")
+    b.add_argument("--idle-graph", choices=("auto", "always", "never"), default="auto",
+                   help="guarded ONNX bundles: add denoise_idle, the denoise graph without the guards' step inputs "
+                        "that runs while they are zero (export/idle.py); auto: when a guard asks for it (SafePatch)")
+    b.add_argument("--no-idle-graph", dest="idle_graph", action="store_const", const="never",
+                   help="the same as --idle-graph never")
     return p
 
 

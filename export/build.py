@@ -22,7 +22,7 @@ from runtime.manifest import Manifest
 
 from .bundle import onnx_component, tokenizer_components, write_bundle
 from .guards import GUARDS
-from .idle import IDLE_GRAPH, export_idle_graph, share_weights, wants_idle_graph
+from .idle import IDLE_GRAPH, IDLE_MODES, export_idle_graph, share_weights, wants_idle_graph
 
 KIND_OF_GRAPH = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "denoise": "denoise",
                  "denoise_idle": "denoise", "vae_decoder": "vae_decoder"}
@@ -49,7 +49,7 @@ class BuildOptions:
     family: str | None = None
     checker: Path | None = None           # ONNX image classifier embedded as component "image_checker"
     checker_config: Path | None = None    # its JSON config (default: the .json beside the .onnx)
-    idle_graph: bool = True               # guarded ONNX bundles: add denoise_idle (export/idle.py)
+    idle_graph: str = "auto"              # guarded ONNX bundles: denoise_idle "auto" | "always" | "never" (idle.py)
 
 
 def _checker_entry(opts: BuildOptions) -> dict | None:
@@ -83,6 +83,8 @@ def _check_request(opts: BuildOptions) -> None:
         raise BadInputError(f"--backend {opts.backend!r} is not one of onnx, tensorrt")
     if opts.precision not in (None, "fp32", "fp16"):
         raise BadInputError(f"--precision {opts.precision!r} is not one of fp32, fp16")
+    if opts.idle_graph not in IDLE_MODES:
+        raise BadInputError(f"--idle-graph {opts.idle_graph!r} is not one of {', '.join(IDLE_MODES)}")
     unknown = [g for g in opts.guards if g not in GUARDS]
     if unknown:
         raise BadInputError(f"--guards: unknown guard(s) {', '.join(unknown)} (known: {', '.join(GUARDS)})")
@@ -166,7 +168,7 @@ def build(opts: BuildOptions) -> Path:
                            extensions=[e for g in guards.values() for e in g.extensions], **common)
         for g in guards.values():
             specs += [export_graph(tmp / "fp32", common) for export_graph in g.graphs]
-        if opts.backend == "onnx" and opts.idle_graph and wants_idle_graph(guards):
+        if opts.backend == "onnx" and wants_idle_graph(guards, opts.idle_graph):
             specs.append(export_idle_graph(backbone, guards, tmp / "fp32", common))
         bar.update()
 

@@ -2,13 +2,14 @@
 same weights.
 
 A guard fused into the denoise graph adds inputs that are zero whenever it has nothing to do: SafePatch's
-residuals when its gate is off (benign prompts), SafeCtrl's ``safectrl_active`` whenever the fed mask is
-below ``tau`` everywhere (the blend weight is then exactly 0). With those inputs at zero the graph still pays
+residuals when its gate is off (benign prompts), SafeCtrl's blend weight ``safectrl_blend`` whenever the fed mask is
+below ``tau`` everywhere or the step is before the active ones. With those inputs at zero the graph still pays
 for them: zero-residual Adds (with an NCHWc reorder each on ONNX Runtime's CPU provider), and SafeCtrl's
 Safety Guidance branch in every attn2, which is computed and then weighted by 0. ``denoise_idle`` is that
 graph with those inputs gone: the plain UNet for SafePatch; the UNet plus SafeCtrl's detector and mask state
 (``SafeCtrlExtension(blend=False)``) for SafeCtrl. Measured on tinyworld (denoise graph alone, 2 cores):
-SafeCtrl's full graph 1.088x the plain UNet, its idle graph 1.017x.
+SafeCtrl's full graph 1.088x the plain UNet with every attn2 blended, 1.033x with the two it blends now; its idle
+graph ~1.00-1.02x. Which bundles carry it: :func:`wants_idle_graph`.
 
 **Contract** (checked by the runtime when it opens the bundle, ``runtime/pipeline.py``): the inputs of
 ``denoise_idle`` are a subset of ``denoise``'s and its outputs are the same; with every input it lacks all
@@ -23,8 +24,8 @@ constants, below ``size_threshold`` bytes, stay in each graph). With SafeCtrl th
 ``W_K`` / ``W_V`` (transposed by the exporter) of its own: the full graph holds them only as part of the
 concatenated ``[W_K; W_K']``; on tinyworld that is 0.9 MB of the 27.9 MB of weights.
 
-Built for the ONNX backend only (``export build --no-idle-graph`` turns it off): two TensorRT engines would
-each hold a copy of the weights on the GPU.
+Built for the ONNX backend only, when a guard asks for it (:func:`wants_idle_graph`; ``export build
+--idle-graph always|never`` overrides): two TensorRT engines would each hold a copy of the weights on the GPU.
 """
 
 from __future__ import annotations
@@ -35,9 +36,25 @@ from pathlib import Path
 IDLE_GRAPH = "denoise_idle"
 
 
-def wants_idle_graph(guards) -> bool:
-    """Whether the guards (``{name: GuardParts}``) add per-step inputs to the denoise graph."""
-    return any(g.residual_inputs or g.extensions for g in guards.values())
+IDLE_MODES = ("auto", "always", "never")
+
+
+def wants_idle_graph(guards, mode: str = "auto") -> bool:
+    """Whether a bundle with these guards (``{name: GuardParts}``) gets ``denoise_idle``. ``"never"``: no;
+    ``"always"``: whenever a guard adds per-step inputs to the denoise graph; ``"auto"``: when a guard asks for it
+    (``GuardParts.idle_graph``; SafePatch, whose residuals are zero on every step of a gated-off prompt).
+
+    SafeCtrl alone does not ask: the idle graph saves its guidance branch on the steps that do not blend, but the
+    prompts that do blend switch sessions mid-call, and on tinyworld (2-core CPU, ``bench latency``) that cost
+    more than it saved. Per step, with the idle graph: benign 1.025-1.041 (5 runs), unsafe 1.053-1.073 (16 runs);
+    without: benign 1.041-1.059 (9 runs, median 1.046), unsafe 1.043-1.049 (12 runs, median 1.047)
+    (``bench/results/safectrl_step_cost.md``)."""
+    if mode not in IDLE_MODES:
+        raise ValueError(f"idle graph mode {mode!r}: choose one of {', '.join(IDLE_MODES)}")
+    stepped = [g for g in guards.values() if g.residual_inputs or g.extensions]
+    if mode == "never" or not stepped:
+        return False
+    return mode == "always" or any(g.idle_graph for g in stepped)
 
 
 def export_idle_graph(backbone, guards, out_dir: Path, common: dict) -> dict:

@@ -3,6 +3,7 @@ benign prompts stay bit-identical to the unguarded bundle, every guard reports, 
 concurrent calls with the same results as sequential ones (guards keep per-call state in the context)."""
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,12 +67,12 @@ def test_stack_unsafe_prompt_engages_the_guards(stack):
 
 
 def test_idle_graph_runs_exactly_where_the_guards_are_idle(stack):
-    """``denoise_idle`` (export/idle.py: no residual inputs, no ``safectrl_active``, no Safety Guidance branch)
+    """``denoise_idle`` (export/idle.py: no residual inputs, no ``safectrl_blend``, no Safety Guidance branch)
     computes what the full graph computes with those inputs at zero, and the pipeline runs it for exactly the
     steps where SafePatch is gated off and SafeCtrl does not blend."""
     full, idle = stack.engines["denoise"], stack.engines["denoise_idle"]
     dropped = {t.name for t in full.component.inputs} - {t.name for t in idle.component.inputs}
-    assert dropped == {f"down_residual_{i}" for i in range(6)} | {"mid_residual", "safectrl_active"}
+    assert dropped == {f"down_residual_{i}" for i in range(6)} | {"mid_residual", "safectrl_blend"}
     rng = np.random.default_rng(0)
     feeds = {t.name: rng.random(_shape(t), dtype=np.float32) for t in idle.component.inputs}
     feeds["timestep"] = np.array([500.0], np.float32)
@@ -100,3 +101,24 @@ def test_concurrent_calls_match_sequential(stack):
     for a, b in zip(sequential, concurrent):
         assert np.array_equal(a.images[0], b.images[0])
         assert _strip_times(a.report["guards"]) == _strip_times(b.report["guards"])
+
+
+def test_idle_graph_policy():
+    """``denoise_idle`` is built when a guard asks for it (SafePatch: zero residuals on every step of a gated-off
+    prompt), not for SafeCtrl alone (measured: the mid-call session switch costs more than the idle graph saves);
+    ``--idle-graph always|never`` override; a guard without step inputs never gets one; a bad mode is refused."""
+    from export.build import BuildOptions, _check_request
+    from export.guards import GuardParts
+    from export.idle import wants_idle_graph
+    from runtime.errors import BadInputError
+
+    safepatch = GuardParts(residual_inputs=True, idle_graph=True)
+    safectrl = GuardParts(extensions=["safectrl"])
+    text = GuardParts(text_heads=["safeguider"])
+    assert wants_idle_graph({"safepatch": safepatch})
+    assert wants_idle_graph({"safepatch": safepatch, "safectrl": safectrl})
+    assert not wants_idle_graph({"safectrl": safectrl}) and wants_idle_graph({"safectrl": safectrl}, "always")
+    assert not wants_idle_graph({"safepatch": safepatch}, "never")
+    assert not wants_idle_graph({"safeguider": text}, "always")
+    with pytest.raises(BadInputError, match="--idle-graph 'sometimes'"):
+        _check_request(BuildOptions(model=Path("m"), out=Path("o.plan"), idle_graph="sometimes"))

@@ -77,7 +77,8 @@ def reference_generate(backbone, safectrl, prompt: str, seed: int, steps: int = 
         emb = pipe.text_encoder(ids)[0]
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(torch.cat([latents, latents]), t)
-            inputs = {"safectrl_mask_prev": state, "safectrl_active": torch.tensor([1.0 if i >= start else 0.0])}
+            active = torch.tensor([1.0 if i >= start else 0.0])
+            inputs = {"safectrl_mask_prev": state, "safectrl_blend": safectrl.blend_weight(state, active)}
             ext.before_unet(inputs, {})
             eps = pipe.unet(x_in, t, encoder_hidden_states=emb, return_dict=False)[0]
             eps, out = ext.after_unet(inputs, eps)
@@ -113,14 +114,15 @@ def test_zero_mask_bit_identical_pytorch(parts):
         want = base(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         for mask, active in ((torch.zeros(2, 1, 16, 16), 1.0), (torch.full((2, 1, 16, 16), 0.9), 0.0),
                              (torch.full((2, 1, 16, 16), 0.5 * tau), 1.0)):  # below tau: exactly 0
-            inputs = {"safectrl_mask_prev": mask, "safectrl_active": torch.tensor([active])}
+            inputs = {"safectrl_mask_prev": mask, "safectrl_blend": safectrl.blend_weight(mask, torch.tensor([active]))}
             ext.before_unet(inputs, {})
             got = backbone.unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
             got, out = ext.after_unet(inputs, got)
             assert torch.equal(got, want)
             assert out["safectrl_mask"].shape == (2, 1, 16, 16)
         # and a mask above tau does change the output (the blend is live)
-        inputs = {"safectrl_mask_prev": torch.full((2, 1, 16, 16), 0.9), "safectrl_active": torch.tensor([1.0])}
+        mask = torch.full((2, 1, 16, 16), 0.9)
+        inputs = {"safectrl_mask_prev": mask, "safectrl_blend": safectrl.blend_weight(mask, torch.ones(1))}
         ext.before_unet(inputs, {})
         got = backbone.unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         ext.after_unet(inputs, got)
@@ -161,7 +163,8 @@ def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
     with torch.no_grad():
         want = base(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         for fill, same in ((0.0, True), (0.9, False)):
-            inputs = {"safectrl_mask_prev": torch.full((2, 1, 16, 16), fill), "safectrl_active": torch.ones(1)}
+            mask = torch.full((2, 1, 16, 16), fill)
+            inputs = {"safectrl_mask_prev": mask, "safectrl_blend": one.blend_weight(mask, torch.ones(1))}
             ext.before_unet(inputs, {})
             got = unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
             ext.after_unet(inputs, got)
@@ -251,13 +254,14 @@ def test_denoise_graph_ort_matches_pytorch(parts, onnx_graphs):
     ext = SafeCtrlExtension(safectrl, (16, 16))
     g = torch.Generator().manual_seed(1)
     for mask, active in ((torch.rand(2, 1, 16, 16, generator=g), 1.0), (torch.zeros(2, 1, 16, 16), 1.0)):
-        inputs = {"safectrl_mask_prev": mask, "safectrl_active": torch.tensor([active])}
+        blend = safectrl.blend_weight(mask, torch.tensor([active]))
+        inputs = {"safectrl_mask_prev": mask, "safectrl_blend": blend}
         with torch.no_grad():
             ext.before_unet(inputs, {})
             want = backbone.unet(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
             want, extra = ext.after_unet(inputs, want)
         got = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": emb.numpy(),
-                              "safectrl_mask_prev": mask.numpy(), "safectrl_active": np.array([active], np.float32)})
+                              "safectrl_mask_prev": mask.numpy(), "safectrl_blend": blend.numpy()})
         assert np.abs(got[0] - want.numpy()).max() <= 1e-4
         assert np.abs(got[1] - extra["safectrl_mask"].numpy()).max() <= 1e-4
         if not mask.any():
@@ -277,8 +281,9 @@ def test_lean_runtime_matches_reference(parts, prompt, triggered):
     r = pipe.generate(prompt, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safectrl"]
     assert rep["triggered"] is triggered
-    # denoise_idle (no Safety Guidance branch) runs every step that does not blend, the full graph the others
-    assert r.report["stages_ms"]["denoise_idle_steps"] == [i for i in range(20) if i not in rep["blending_steps"]]
+    # SafeCtrl alone: no denoise_idle (export/idle.py, wants_idle_graph), the full graph every step (the idle
+    # graph with SafeCtrl: tests/test_guard_stack.py)
+    assert "denoise_idle" not in pipe.engines and "denoise_idle_steps" not in r.report["stages_ms"]
     ref, _ = reference_generate(backbone, safectrl, prompt, seed=3)
     psnr = _psnr(r.images[0] / 255.0, ref)
     print(f"lean vs reference ({'triggered' if triggered else 'not triggered'}): {psnr:.2f} dB")
@@ -363,3 +368,38 @@ def test_after_step_runs_before_the_next_call_and_before_decoding():
     assert calls == want
     report = r.report["guards"]["safectrl"]
     assert fed_max[0] == 0.0 and fed_max[1:] == pytest.approx(report["max_mask"][:-1], abs=1e-4)
+
+
+@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
+def test_host_blend_weight_is_the_methods_blend_weight():
+    """The runtime feeds ``safectrl_blend`` made on the host: bit-identical to ``SafeCtrl.blend_weight`` (the
+    PyTorch definition, active from the start step) of the mask it feeds alongside, all zeros exactly at the
+    steps that do not blend (those that may run ``denoise_idle``); a bundle whose graph still takes
+    ``safectrl_active`` is refused."""
+    from export.guards.safectrl import SafeCtrl as SafeCtrlModule
+    from runtime.errors import BundleError
+    from runtime.guards.safectrl import SafeCtrl
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.open(PLAN)
+    guard = next(g for g in pipe.guards if g.name == "safectrl")
+    fed = []
+
+    def record(*args, _orig=guard.step_feeds):
+        out = _orig(*args)
+        fed.append({k: v.copy() for k, v in out.items()})  # the guard rewrites its buffers in place
+        return out
+    guard.step_feeds = record
+    steps = 10
+    r = pipe.generate(UNSAFE, seed=0, steps=steps)
+    module = SafeCtrlModule({k: guard.config[k] for k in ("mask_threshold", "mask_gain")})
+    start = guard.start_step(steps)
+    for i, f in enumerate(fed):
+        want = module.blend_weight(torch.from_numpy(f["safectrl_mask_prev"]), torch.tensor([float(i >= start)]))
+        assert np.array_equal(f["safectrl_blend"], want.numpy()), i
+    zero = [i for i, f in enumerate(fed) if not f["safectrl_blend"].any()]
+    assert 0 < len(zero) < steps  # it blends, and before the start step it does not
+    assert r.report["guards"]["safectrl"]["blending_steps"] == [i for i in range(steps) if i not in zero]
+    with pytest.raises(BundleError, match="older export.*rebuild"):
+        SafeCtrl(pipe, {**{k: v for k, v in guard.config.items() if k != "blend_input"},
+                        "active_input": "safectrl_active"})

@@ -17,7 +17,7 @@ it adds:
   opset, progress, height, width, dynamic_hw);
 - ``idle_extensions``: the guard's part of the idle denoise graph (``denoise_idle``, ``export/idle.py``): what the
   full graph computes when the guard's step inputs are zero (SafePatch: nothing, its residual inputs dropped;
-  SafeCtrl: the detector and mask state without the blend branch and ``safectrl_active``);
+  SafeCtrl: the detector and mask state without the blend branch and ``safectrl_blend``);
 - ``config``: the guard's manifest entry (thresholds, beam width, check steps, EMA alpha, which graph it
   uses...), read by ``runtime/guards/<name>.py``.
 
@@ -44,6 +44,7 @@ class GuardParts:
     graphs: list[Callable[[Path, dict], dict]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     idle_extensions: list = field(default_factory=list)
+    idle_graph: bool = False  # ask for denoise_idle (export/idle.py: wants_idle_graph); SafePatch does
 
 
 def weights_dir(model: Path, guard: str, root: Path | None = None) -> Path:

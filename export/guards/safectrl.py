@@ -28,16 +28,18 @@ detect layer, when it blends, also needs the unblended Z for the detector's feat
 one attention over twice the heads and blends them with one weighted sum. The pooled blend weights are computed
 once per resolution and shared by the layers at it. Graph nodes, not FLOPs, dominate the guidance branch's cost
 on a small UNet: with all 7 attn2 layers blended, 76 extra nodes after ONNX Runtime's optimiser and the denoise
-graph alone 1.09x the plain UNet on tinyworld (2 cores); with tinyworld's 2 (``up_blocks.1``), ~40 extra nodes
-(22 of them the detector) and ~1.03-1.05x. Eager PyTorch keeps the two attentions (SDPA).
+graph alone 1.09x the plain UNet on tinyworld (2 cores); with tinyworld's 2 (``up_blocks.1``), 27 extra nodes
+(18 of them the detector) and ~1.03x. Eager PyTorch keeps the two attentions (SDPA).
 
 Per-step state (graph inputs/outputs of :class:`SafeCtrlExtension`): the runtime feeds the previous smoothed
-mask ``safectrl_mask_prev (N, 1, h, w)`` and ``safectrl_active (1,)`` (1 in the later steps, 0 before); the
-graph blends with ``active * hard_threshold(mask_prev, tau)`` and outputs ``safectrl_mask = ema * prev +
-(1 - ema) * M_t`` (``ema_alpha`` = 0.3, the weight of the previous mask). Below ``tau`` the blend weight is
-exactly 0, so ``Z * 1 + Z' * 0 == Z`` bit for bit: a benign prompt whose mask stays below ``tau`` gives the
-base UNet's output exactly. The one-step lag (blend with the mask of the previous step) keeps the detector's
-features free of the blend's effect and makes the state the only coupling between steps.
+mask ``safectrl_mask_prev (N, 1, h, w)`` and the blend weight made from it, ``safectrl_blend (N, 1, h, w)`` =
+:meth:`SafeCtrl.blend_weight` (``active * min(1, gain * hard_threshold(mask_prev, tau))``, active 1 in the later
+steps, 0 before; computed by the host, ``runtime/guards/safectrl.py``, the same float32 operations: five graph
+nodes fewer per step, and an all-zero blend is what lets the runtime run the idle graph); the graph outputs
+``safectrl_mask = ema * prev + (1 - ema) * M_t`` (``ema_alpha`` = 0.3, the weight of the previous mask). Below
+``tau`` the blend weight is exactly 0, so ``Z * 1 + Z' * 0 == Z`` bit for bit: a benign prompt whose mask stays
+below ``tau`` gives the base UNet's output exactly. The one-step lag (blend with the mask of the previous step)
+keeps the detector's features free of the blend's effect and makes the state the only coupling between steps.
 
 Weights: ``config.json`` + ``model.safetensors`` (:meth:`SafeCtrl.save_pretrained` / ``from_pretrained``).
 """
@@ -132,7 +134,8 @@ class UnsafeAttentionBlock(nn.Module):
         self.self_k = nn.Linear(feature_dim, token_dim)
         self.scale = token_dim ** -0.5
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def masks(self, features: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, P, C) -> (token logits (N, P, 1 + K), ``scale * M`` as a column (N, P, 1))."""
         x = self.norm(features)
         if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
             # one projection for the three linears of the features (fewer graph nodes; same products)
@@ -142,11 +145,17 @@ class UnsafeAttentionBlock(nn.Module):
         else:
             q, sq, sk = self.to_q(x), self.self_q(x), self.self_k(x)
         logits = q @ self.to_k(self.tokens).transpose(0, 1) * self.scale               # (N, P, 1+K)
-        a_cross = logits.softmax(dim=-1)
-        unsafe = 1.0 - a_cross[..., 0]                                                  # vec(A_cross): (N, P)
+        # vec(A_cross) = 1 - A_cross[safe] = the unsafe tokens' probabilities summed: one product with the
+        # constant column (0, s, ..., s), s = scale (the graph has no slice, subtract, unsqueeze or squeeze)
+        column = torch.tensor([[0.0]] + [[float(scale)]] * (logits.shape[-1] - 1), dtype=logits.dtype,
+                              device=logits.device)
+        unsafe = logits.softmax(dim=-1) @ column                                        # (N, P, 1)
         a_self = (sq @ sk.transpose(1, 2) * self.scale).softmax(dim=-1)                  # (N, P, P)
-        mask = (a_self @ unsafe.unsqueeze(-1)).squeeze(-1)
-        return logits, mask
+        return logits, a_self @ unsafe
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, mask = self.masks(features)
+        return logits, mask[..., 0]
 
 
 class SafetyGuidanceProcessor(nn.Module):
@@ -327,9 +336,11 @@ class SafeCtrl(nn.Module):
         per = int(self.config["tokens_per_category"])
         return torch.tensor([0] + [1 + i for i in range(len(self.config["categories"])) for _ in range(per)])
 
-    def detect(self, features: torch.Tensor, hw: tuple[int, int], latent_hw: tuple[int, int]):
-        """Features (N, P, C) at ``hw`` -> (class logits (N, P, 1 + categories), mask (N, 1, *latent_hw))."""
-        logits, mask = self.uab(features)
+    def detect(self, features: torch.Tensor, hw: tuple[int, int], latent_hw: tuple[int, int], scale: float = 1.0):
+        """Features (N, P, C) at ``hw`` -> (class logits (N, P, 1 + categories), mask (N, 1, *latent_hw)).
+        ``scale``: the mask comes out multiplied by it (in [0, scale]; folded into the detector's constants, so
+        a scaled mask costs no graph node)."""
+        logits, mask = self.uab.masks(features, scale)
         cats = self.token_categories()
         onehot = (cats[:, None] == torch.arange(len(self.config["categories"]) + 1)[None]).to(logits.dtype)
         class_probs = logits.softmax(-1) @ onehot.to(logits.device)  # (N, P, 1 + categories)
@@ -337,10 +348,11 @@ class SafeCtrl(nn.Module):
         mask = mask.reshape(n, 1, *hw)
         if tuple(hw) != tuple(latent_hw):
             mask = F.interpolate(mask, size=tuple(latent_hw), mode="bilinear", align_corners=False)
-        return class_probs, mask.clamp(0, 1)
+        return class_probs, mask.clamp(0.0, float(scale))
 
     def blend_weight(self, mask_prev: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """active * hard_threshold(mask_prev, tau): exactly 0 below tau."""
+        """``active * min(1, gain * hard_threshold(mask_prev, tau))``: exactly 0 below tau. The graph's
+        ``safectrl_blend`` input; the runtime computes it in numpy with the same float32 operations."""
         tau = float(self.config["mask_threshold"])
         kept = torch.where(mask_prev >= tau, mask_prev, 0.0)
         gain = float(self.config.get("mask_gain", 1.0))
@@ -367,14 +379,16 @@ class SafeCtrl(nn.Module):
 
 
 class SafeCtrlExtension(DenoiseExtension):
-    """The denoise-graph hooks: blend weight from the state before the UNet, the new smoothed mask after.
+    """The denoise-graph hooks: the blend weight (``safectrl_blend``, :meth:`SafeCtrl.blend_weight` of the state,
+    made by the host) before the UNet, the new smoothed mask after.
 
-    ``blend=False`` is the form in the bundle's idle denoise graph (``export/idle.py``): no ``safectrl_active``
+    ``blend=False`` is the form in the bundle's idle denoise graph (``export/idle.py``): no ``safectrl_blend``
     input and no Safety Guidance branch (every attn2 the stock attention), only the detector and the mask
-    state. It computes what the full graph computes with ``safectrl_active`` = 0, where the blend weight is
-    exactly 0; the runtime feeds 0 whenever no pixel of the fed mask reaches ``tau`` (the blend would be 0)."""
+    state. It computes what the full graph computes with ``safectrl_blend`` all zeros; the runtime runs it
+    whenever the blend weight it would feed is all zeros (before the active steps, or no pixel of the fed mask
+    reaches ``tau``)."""
 
-    inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, "h", "w")), TensorSpec("safectrl_active", (1,)))
+    inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, "h", "w")), TensorSpec("safectrl_blend", ("N", 1, "h", "w")))
     outputs = (TensorSpec("safectrl_mask", ("N", 1, "h", "w")),)
 
     def __init__(self, safectrl: SafeCtrl, latent_hw: tuple[int, int] | None = None, blend: bool = True):
@@ -383,19 +397,17 @@ class SafeCtrlExtension(DenoiseExtension):
         self.blend = blend
         hw = ("h", "w") if latent_hw is None else tuple(int(v) for v in latent_hw)  # static: the latent's size
         self.inputs = (TensorSpec("safectrl_mask_prev", ("N", 1, *hw)),
-                       *((TensorSpec("safectrl_active", (1,)),) if blend else ()))
+                       *((TensorSpec("safectrl_blend", ("N", 1, *hw)),) if blend else ()))
         self.outputs = (TensorSpec("safectrl_mask", ("N", 1, *hw)),)
 
     def dummy(self, spec: TensorSpec, shape: tuple[int, ...]) -> torch.Tensor:
-        if spec.name == "safectrl_active":
-            return torch.ones(shape)
         return torch.rand(shape, generator=torch.Generator().manual_seed(0))
 
     def before_unet(self, inputs, unet_kwargs):
         state = self.safectrl.state
         state.reset()
         if self.blend:
-            state.blend = self.safectrl.blend_weight(inputs["safectrl_mask_prev"], inputs["safectrl_active"])
+            state.blend = inputs["safectrl_blend"]
         return {}
 
     def after_unet(self, inputs, noise_pred):
@@ -405,9 +417,9 @@ class SafeCtrlExtension(DenoiseExtension):
         h, w = prev.shape[-2], prev.shape[-1]
         p = feats.shape[1]
         f = int(round(math.sqrt(h * w / p)))
-        _, mask = self.safectrl.detect(feats, (h // f, w // f), (h, w))
         alpha = float(self.safectrl.config["ema_alpha"])
-        new = alpha * prev + (1.0 - alpha) * mask
+        _, mask = self.safectrl.detect(feats, (h // f, w // f), (h, w), scale=1.0 - alpha)  # (1 - alpha) M_t
+        new = alpha * prev + mask
         state.reset()
         return noise_pred, {"safectrl_mask": new}
 
@@ -429,6 +441,6 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
               "coverage_threshold": c["coverage_threshold"], "blend_uncond": bool(c["blend_uncond"]),
               "latch_threshold": c["latch_threshold"],
               "state_input": "safectrl_mask_prev", "state_output": "safectrl_mask",
-              "active_input": "safectrl_active", "categories": list(c["categories"])}
+              "blend_input": "safectrl_blend", "categories": list(c["categories"])}
     return GuardParts(extensions=[SafeCtrlExtension(safectrl, latent_hw)], config=config,
                       idle_extensions=[SafeCtrlExtension(safectrl, latent_hw, blend=False)])

@@ -222,4 +222,4 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
                 "categories": config["categories"], "threshold": float(config.get("threshold", DEFAULT_THRESHOLD)),
                 "instructions": config["instructions"], "apply_uncond": False,
                 "patch_params": patch.num_parameters(), "unet_params": unet_params}
-    return GuardParts(text_heads=[gate], residual_inputs=True, graphs=[graph], config=manifest)
+    return GuardParts(text_heads=[gate], residual_inputs=True, graphs=[graph], config=manifest, idle_graph=True)

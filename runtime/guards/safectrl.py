@@ -10,12 +10,13 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   that row stays the plain UNet, so CFG extrapolates from it towards the suppressed conditional prediction
   and the suppression is scaled by the guidance scale; quick bench, same weights: unsafe explicit / held-out
   / implicit 40 / 47 / 43% blending both rows, 23 / 23 / 13% blending the conditional row only) or the same
-  mask (``blend_uncond: true``, bundles made before the option). And
-  ``safectrl_active`` = 1 from step index ``ceil(start_step_fraction * steps)`` on (the later, less noisy
-  steps) where the fed mask reaches ``mask_threshold`` somewhere, else 0 (below the threshold everywhere the
-  blend weight is exactly 0 either way; a 0 lets the pipeline run the bundle's idle denoise graph, the UNet
-  and the detector without the Safety Guidance branch, ``export/idle.py``). The graph blends with
-  ``active * min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` and outputs
+  mask (``blend_uncond: true``, bundles made before the option). And the blend weight made from it,
+  ``safectrl_blend`` = ``min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` from step index
+  ``ceil(start_step_fraction * steps)`` on (the later, less noisy steps) where the fed mask reaches
+  ``mask_threshold`` somewhere, else all zeros (the same float32 operations as
+  ``export.guards.safectrl.SafeCtrl.blend_weight``, on the host: five graph nodes fewer per step. All zeros
+  lets the pipeline run the bundle's idle denoise graph, the UNet and the detector without the Safety
+  Guidance branch, ``export/idle.py``). The graph blends with it and outputs
   ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place: the
   per-step host work is a handful of numpy calls) (with ``latch_threshold`` set: from the active steps on, a
@@ -38,16 +39,23 @@ import time
 
 import numpy as np
 
+from runtime.errors import BundleError
 from runtime.guards import Guard, GuardContext
 
-DEFAULTS = {"ema_alpha": 0.3, "start_step_fraction": 0.2, "mask_threshold": 0.25, "coverage_threshold": 0.5,
-            "state_input": "safectrl_mask_prev", "state_output": "safectrl_mask", "active_input": "safectrl_active"}
+DEFAULTS = {"ema_alpha": 0.3, "start_step_fraction": 0.2, "mask_threshold": 0.25, "mask_gain": 1.0,
+            "coverage_threshold": 0.5, "state_input": "safectrl_mask_prev", "state_output": "safectrl_mask",
+            "blend_input": "safectrl_blend"}
 
 
 class SafeCtrl(Guard):
     name = "safectrl"
 
     def __init__(self, pipe, config):
+        if "active_input" in config and "blend_input" not in config:
+            raise BundleError(f"{pipe.bundle.path}: this SafeCtrl bundle was built by an older export (its denoise "
+                              f"graph takes {config['active_input']!r} and computes the blend weight itself; this "
+                              "runtime feeds the blend weight, safectrl_blend): rebuild it with `python -m export "
+                              "build ... --guards safectrl`")
         super().__init__(pipe, {**DEFAULTS, **dict(config)})
 
     def start_step(self, steps: int) -> int:
@@ -63,7 +71,7 @@ class SafeCtrl(Guard):
             feed=None, latched=None, fed_max=0.0, fed=[], output=self.config["state_output"],
             rows=ctx.cond_rows if per_image else slice(None), report_rows=slice(None) if per_image else ctx.cond_rows,
             uncond=ctx.batch if per_image and self.config.get("blend_uncond", True) else 0,
-            start=start, tau=float(self.config["mask_threshold"]),
+            start=start, tau=np.float32(self.config["mask_threshold"]), gain=np.float32(self.config["mask_gain"]),
             latch=None if latch is None else np.float32(latch),
             latch_from=start - 1)  # the call whose output the first active step is fed
         ctx.report[self.name] = {"active_from_step": start, "active_steps": [], "blending_steps": [], "coverage": [],
@@ -79,6 +87,9 @@ class SafeCtrl(Guard):
         rows = x.shape[0] * (2 if ctx.cfg else 1)
         if st["feed"] is None or st["feed"].shape != (rows, 1, *x.shape[-2:]):
             st["feed"] = np.zeros((rows, 1, *x.shape[-2:]), np.float32)  # zeros at step 0
+            st["blend"], st["no_blend"] = np.zeros_like(st["feed"]), np.zeros_like(st["feed"])
+            st["no_blend"].setflags(write=False)
+        feed = st["feed"]
         active = i >= st["start"]
         blending = active and st["fed_max"] >= st["tau"]
         report = ctx.report[self.name]
@@ -87,9 +98,19 @@ class SafeCtrl(Guard):
         if blending:
             report["blending_steps"].append(i)
             report["triggered"] = True
+            # SafeCtrl.blend_weight's float32 operations: where(m >= tau, m, 0) * gain clamped to 1, in the order
+            # min(m * gain, 1) * (m >= tau) (the same values: m >= 0, so below tau both give +0)
+            blend = st["blend"]
+            if st["gain"] != 1:
+                np.multiply(feed, st["gain"], out=blend)
+                np.minimum(blend, np.float32(1), out=blend)
+                blend *= feed >= st["tau"]
+            else:
+                np.multiply(feed, feed >= st["tau"], out=blend)
+        else:  # all zeros: the graph's blend weight is 0, and the pipeline may run denoise_idle
+            blend = st["no_blend"]
         report["time_ms"] += (time.perf_counter() - t0) * 1000
-        # active = 0 where the graph's blend weight would be 0 anyway: the pipeline may run denoise_idle then
-        return {self.config["state_input"]: st["feed"], self.config["active_input"]: _ONE if blending else _ZERO}
+        return {self.config["state_input"]: feed, self.config["blend_input"]: blend}
 
     def after_step(self, ctx: GuardContext, i: int, t: np.float32, outputs: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
@@ -129,7 +150,3 @@ class SafeCtrl(Guard):
             report["max_mask"] = [round(float(v), 4) for v in flat.max(axis=1)]
         report["time_ms"] = round(report["time_ms"] + (time.perf_counter() - t0) * 1000, 3)
 
-
-_ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)
-for _a in (_ONE, _ZERO):
-    _a.setflags(write=False)
