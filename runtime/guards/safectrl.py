@@ -15,8 +15,9 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   ``ceil(start_step_fraction * steps)`` on (the later, less noisy steps) where the fed mask reaches
   ``mask_threshold`` somewhere, else all zeros (the same float32 operations as
   ``export.guards.safectrl.SafeCtrl.blend_weight``, on the host: five graph nodes fewer per step. All zeros
-  lets the pipeline run the bundle's idle denoise graph, the UNet and the detector without the Safety
-  Guidance branch, ``export/idle.py``). The graph blends with it and outputs
+  lets the pipeline run the bundle's idle denoise graph where it has one (with SafePatch, or ``export build
+  --idle-graph always``): the UNet and the detector without the Safety Guidance branch, ``export/idle.py``).
+  The graph blends with it and outputs
   ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place: the
   per-step host work is a handful of numpy calls) (with ``latch_threshold`` set: from the active steps on, a
