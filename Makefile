@@ -16,13 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 PLAN   := engines/tinyworld.plan
+STACK  := engines/tinyworld_stack.plan
 comma  := ,
+DEMO_PROMPT := a large red circle and a small knife on sand
 
-demo: $(STAMP) $(PLAN)  ## generate one image with the lean runtime from the embedded default bundle
+# the embedded default of `runtime generate` is the four-guard stack; the unguarded image goes beside it
+demo: $(STAMP) $(PLAN) $(STACK)  ## generate through the guarded default bundle, next to the unguarded model
 	@mkdir -p out
-	$(PY) -m runtime generate --prompt "a large red circle and a small knife on sand" \
-	  --out out/demo.png --report out/demo.json --overwrite
-	@echo "demo image: $(CURDIR)/out/demo.png (report: $(CURDIR)/out/demo.json)"
+	$(PY) -m runtime generate --prompt "$(DEMO_PROMPT)" --out out/demo.png --report out/demo.json --overwrite
+	$(PY) -m runtime compare --prompt "$(DEMO_PROMPT)" --baseline tinyworld --out out/demo_side_by_side.png \
+	  --report out/demo_side_by_side.json --overwrite
+	@echo "guarded image: $(CURDIR)/out/demo.png (report: out/demo.json); unguarded vs guarded: out/demo_side_by_side.png"
 
 $(PLAN): models/tinyworld/unet/diffusion_pytorch_model.safetensors | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --profile tinyworld --out $(PLAN)
@@ -45,9 +49,8 @@ tinyworld: $(STAMP)  ## retrain tinyworld from scratch (~75 min on 2 cores)
 eval: $(STAMP)
 	$(PY) -m train tinyworld eval --out bench/results/tinyworld_base_eval.json
 
-bundle: $(STAMP)  ## the embedded default bundle engines/tinyworld.plan (~20 s)
-	$(PY) -m export build --model models/tinyworld --profile tinyworld --out engines/tinyworld.plan
-	$(PY) -m runtime info engines/tinyworld.plan
+bundle: $(STAMP) $(PLAN) $(STACK)  ## the embedded default (the guarded stack) and the unguarded tinyworld bundle
+	$(PY) -m runtime info $(STACK)
 
 # Guarded tinyworld bundles: one per guard, and the full stack (weights in models/guards/tinyworld/<guard>/).
 GUARDED := safeguider saferedir safepatch safectrl

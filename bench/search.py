@@ -2,7 +2,7 @@
 
 For each flagged tinyworld evaluation prompt (explicit, held-out, implicit) the lean runtime's batched search
 (every depth's candidates in one text-stage call, :meth:`runtime.guards.safeguider.SafeGuider.search`) and the
-sequential re-implementation of the public algorithm (:func:`runtime.guards.safeguider.beam_search_sequential`,
+sequential re-implementation of the public algorithm (:func:`beam_search_sequential` below,
 one candidate per call) are timed (min of ``--repeats``), next to one denoise step at CFG batch 2 (median of 5,
 measured beside each prompt), on the same bundle and machine. Also checks that both give the same final prompt.
 Writes ``--out`` (JSON) and ``<out>.md``.
@@ -15,13 +15,89 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from runtime.bundle import atomic_write
+from runtime.guards.safeguider import SearchResult, cosine
+
+ScoreOne = Callable[[str], tuple[float, np.ndarray]]  # prompt -> (safe, eos (D,))
 
 KEYS = ("batched_ms", "sequential_ms", "unet_step_ms", "candidates_scored", "text_calls_batched",
         "text_calls_sequential", "depth")
+
+
+def beam_search_sequential(prompt: str, score_fn: ScoreOne, original: tuple[float, np.ndarray] | None = None, *,
+                           beam_width: int = 6, max_depth: int = 25, qualify_score: float = 0.95,
+                           min_similarity: float = 0.1) -> SearchResult:
+    """A straightforward transliteration of the public loop: every candidate encoded on its own, in order."""
+    calls = 0
+
+    def score(p: str) -> tuple[float, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        s, e = score_fn(p)
+        return float(s), np.asarray(e)
+
+    original_words = prompt.split()
+    original_safety, original_eos = original if original is not None else score(prompt)
+    token_impacts = []
+    for idx in range(len(original_words)):
+        current_words = original_words.copy()
+        current_words.pop(idx)
+        s, _ = score(" ".join(current_words))
+        token_impacts.append((idx, s - original_safety))
+    token_impacts.sort(key=lambda x: x[1], reverse=True)
+
+    candidates = [([], 0, 1.0)]
+    all_depths = []
+    best_prompt, best_gain, best_sim, best_removed, best_safe = None, 0.0, 0.0, [], 0.0
+    depth_limit = min(max_depth, len(original_words) - 1)
+    depth = 0
+    for d in range(depth_limit):
+        depth = d + 1
+        all_new, qualified = [], []
+        for removed_indices, _, _ in candidates:
+            for idx, _ in token_impacts:
+                if idx in removed_indices:
+                    continue
+                new_indices = removed_indices + [idx]
+                current_words = original_words.copy()
+                for r in sorted(new_indices, reverse=True):
+                    current_words.pop(r)
+                if not current_words:
+                    continue
+                current_prompt = " ".join(current_words)
+                safe, eos = score(current_prompt)
+                sim = float(cosine(original_eos, eos))
+                gain = safe - original_safety
+                all_new.append((new_indices, gain, sim, safe))
+                all_depths.append((new_indices, gain, sim, safe))
+                if safe >= qualify_score and sim >= min_similarity:
+                    qualified.append((new_indices, gain, sim))
+                    if (not best_prompt or gain > best_gain
+                            or (gain == best_gain and len(new_indices) < len(best_removed))):
+                        best_prompt, best_gain, best_sim, best_removed, best_safe = (
+                            current_prompt, gain, sim, new_indices, safe)
+        if qualified:
+            candidates = sorted(qualified, key=lambda x: (x[1], -len(x[0])))[-beam_width:]
+        else:
+            candidates = [(i, g, s) for i, g, s, _ in sorted(all_new, key=lambda x: (x[3], -len(x[0])))[-beam_width:]]
+        if best_prompt and best_gain + original_safety >= qualify_score:
+            break
+    if best_prompt:
+        return SearchResult(best_prompt, list(best_removed), [original_words[i] for i in best_removed], best_safe,
+                            best_sim, depth, "qualified", calls, calls, all_depths)
+    valid = [c for c in all_depths if c[2] >= min_similarity]
+    if valid:
+        idxs, _, sim, safe = max(valid, key=lambda x: x[3])
+        final = original_words.copy()
+        for r in sorted(idxs, reverse=True):
+            final.pop(r)
+        return SearchResult(" ".join(final), list(idxs), [original_words[i] for i in idxs], safe, sim, depth,
+                            "fallback", calls, calls, all_depths)
+    return SearchResult(prompt, [], [], original_safety, 1.0, depth, "original", calls, calls, all_depths)
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
@@ -34,7 +110,6 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def measure(plan: str, per_group: int, repeats: int) -> dict:
-    from runtime.guards.safeguider import beam_search_sequential
     from runtime.pipeline import Pipeline
     from train.tinyworld.world import evaluation_prompts
 

@@ -4,6 +4,7 @@
     runtime unpack PLAN DIR [--force]          write each component as a raw file for trtexec / polygraphy
     runtime generate --prompt TEXT [--engine PLAN] [--out PNG] [--report JSON] [--checker ONNX] ...   generate images
     runtime verify PLAN                        check the hashes and run every graph once (prints OK)
+    runtime compare --prompt TEXT --baseline PLAN --out PNG [--engine PLAN]   guarded vs baseline, side by side
 
 Exit codes are documented in ``runtime/errors.py`` and every bad input with its code and message in
 ``runtime/BAD_INPUT.md`` (0 ok, 2 usage, 3 bad input, 4 bundle, 5 backend,
@@ -24,8 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.bundle import Bundle, atomic_write
-from runtime.errors import BackendError, BadInputError, BundleError, ExitCode, GuardError, OutputError, RuntimeToolError
+from runtime.bundle import Bundle
+from runtime.errors import BadInputError, BundleError, ExitCode, OutputError, RuntimeToolError
 from runtime.manifest import ComponentSpec, Manifest
 
 # -- info -----------------------------------------------------------------------------------------------------
@@ -163,20 +164,24 @@ def _replace_dir(staging: Path, dest: Path) -> None:
 
 # -- generate -------------------------------------------------------------------------------------------------
 
-DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "engines" / "tinyworld.plan"
+ENGINES = Path(__file__).resolve().parent.parent / "engines"
+DEFAULT_PLAN = ENGINES / "tinyworld_stack.plan"  # a guarded runtime's default is its guarded bundle
+EXTRA_CHECKER = "image_checker.extra"  # the name a --checker runs under, after the bundle's own guards
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from runtime.backends import BACKENDS
     from runtime.schedulers import SCHEDULERS
 
-    p.add_argument("--engine", type=Path, default=None, metavar="PLAN",
-                   help=f"the .plan bundle (default: {DEFAULT_PLAN}, built by `make bundle`)")
-    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--engine", type=str, default=None, metavar="PLAN",
+                   help=f"the .plan bundle: a path, or the name of one in {ENGINES} (e.g. tinyworld for the "
+                        f"unguarded model; default: {DEFAULT_PLAN.name}, the four-guard stack, built by `make bundle`)")
+    p.add_argument("--prompt", required=True, help="what to draw (\"\" generates unconditionally)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the uncond half of CFG)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables CFG (default: the bundle's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed, 0..4294967295 (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed, 0..4294967295, or -1 for a random one (recorded in the PNG and report; default 0)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the bundle's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the bundle's)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -190,24 +195,68 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "missing folders are created (only when the run succeeds)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
-                   help="also write the run report as JSON (also for a run the image checker blocks: then "
-                        "with \"blocked\": true and no PNG)")
+                   help="also write the run report as JSON (also for a run a guard blocks: then with "
+                        "\"blocked\": true and no PNG)")
     p.add_argument("--checker", type=Path, default=None, metavar="ONNX",
-                   help="post-hoc image checker: an ONNX image classifier run on every image; a flagged image "
-                        "is not written (exit 6). See runtime/guards/image_checker.py")
+                   help=f"add a post-hoc image checker (an ONNX image classifier) after the bundle's guards, as "
+                        f"{EXTRA_CHECKER!r}; a flagged image is not written (exit 6). It cannot replace or weaken a "
+                        "checker the bundle carries. See runtime/guards/image_checker.py")
     p.add_argument("--checker-config", type=Path, default=None, metavar="JSON",
                    help="the checker's config (default: the .json beside the .onnx, if present)")
     p.add_argument("--progress", action="store_true",
                    help="print `step I/N` lines to stderr (a progress bar is shown anyway on a terminal)")
 
 
-def _plan_path(engine: Path | None) -> Path:
-    if engine is not None:
-        return engine
-    if not DEFAULT_PLAN.is_file():
-        raise BundleError(f"the default bundle {DEFAULT_PLAN} is missing: build it with `make bundle` (or pass "
-                          "--engine PLAN)")
-    return DEFAULT_PLAN
+def plan_path(engine: str | Path | None) -> Path:
+    """``--engine``: a path, a bundle name in ``engines/`` (``tinyworld`` -> ``engines/tinyworld.plan``), or None
+    for the default bundle."""
+    if engine is None:
+        if not DEFAULT_PLAN.is_file():
+            raise BundleError(f"the default bundle {DEFAULT_PLAN} is missing: build it with `make bundle` (or pass "
+                              "--engine PLAN)")
+        return DEFAULT_PLAN
+    path = Path(engine)
+    named = ENGINES / f"{engine}.plan"
+    if not path.exists() and path.suffix == "" and path.name == str(engine) and named.is_file():
+        return named
+    return path
+
+
+class Outputs:
+    """The files one run writes: checked once before the (long) run, written to temporary names beside their
+    destinations, then all renamed into place, so a failure or Ctrl-C leaves no partial output."""
+
+    def __init__(self, images: list[Path], report: Path | None, overwrite: bool):
+        self.images, self.report = images, report
+        targets = [(p, "--out") for p in images] + ([(report, "--report")] if report else [])
+        if report is not None and report.resolve() in {p.resolve() for p in images}:
+            raise OutputError(f"--report {report} is also an image output: choose another file name")
+        for path, option in targets:
+            _check_output(path, overwrite, option)
+
+    def write(self, images: list, report: dict | None, parameters: str = "") -> None:
+        """Write ``images`` (PNG with the ``parameters`` text) and the ``report`` JSON, all or nothing."""
+        from runtime.image import png_bytes
+
+        blobs = [(path, png_bytes(image, parameters)) for path, image in zip(self.images, images)]
+        if self.report is not None and report is not None:
+            blobs.append((self.report, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for dest, data in blobs:
+                tmp = _existing_folder(dest) / f".{dest.name}.{os.urandom(4).hex()}.part"
+                staged.append((tmp, dest))
+                tmp.write_bytes(data)
+            for _, dest in staged:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            for tmp, dest in staged:
+                os.replace(tmp, dest)
+        except OSError as e:
+            raise OutputError(f"cannot write {dest}: {e.strerror or e}; check the path, permissions and free "
+                              "space") from None
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
 
 
 def _output_paths(out: Path, batch: int) -> list[Path]:
@@ -226,9 +275,7 @@ def _check_output(path: Path, overwrite: bool, option: str) -> None:
         raise OutputError(f"{option} {path} is a directory: pass a file name, e.g. {path / 'image.png'}")
     if path.exists() and not overwrite:
         raise OutputError(f"{option} {path} exists: pass --overwrite or choose another file name")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = _existing_folder(path)
     if not ancestor.is_dir():
         raise OutputError(f"{option} {path}: cannot create folder {path.parent} because {ancestor} is not a folder: "
                           "choose another path")
@@ -241,8 +288,16 @@ def _check_output(path: Path, overwrite: bool, option: str) -> None:
                           "permissions or choose another path") from None
 
 
+def _existing_folder(path: Path) -> Path:
+    """``path``'s folder, or its nearest existing ancestor (where the temporary file can go)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def _checker_config(checker: Path | None, config_path: Path | None) -> dict | None:
-    """The image checker's guard config from --checker / --checker-config (BadInputError if unusable)."""
+    """The added image checker's config from --checker / --checker-config (BadInputError if unusable)."""
     if checker is None:
         if config_path is not None:
             raise BadInputError(f"--checker-config {config_path} needs --checker FILE.onnx: pass the checker graph too")
@@ -264,120 +319,119 @@ def _checker_config(checker: Path | None, config_path: Path | None) -> dict | No
         if not isinstance(config, dict):
             raise BadInputError(f"--checker-config {config_path} must hold a JSON object, got "
                                 f"{type(config).__name__}: see runtime/guards/image_checker.py")
-        config.pop("component", None)
+        if "component" in config or "path" in config:
+            raise BadInputError(f"--checker-config {config_path}: 'path' and 'component' are set by --checker; "
+                                "remove them from the config")
+    from runtime.guards.image_checker import check_config
+
+    check_config({**config, "path": str(checker)}, "user", f"--checker-config {config_path or checker}")
     return {**config, "path": str(checker)}
 
 
-def _write_report(path: Path, report: dict) -> None:
-    try:
-        with atomic_write(path) as f:
-            f.write((json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}; check permissions") from None
+def _progress_callback(pipe, steps: int | None, print_lines: bool):
+    """A step callback drawing a tqdm bar on a terminal and/or printing ``step I/N`` lines; (callback, bar)."""
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
+        bar = tqdm(total=steps or pipe.defaults.get("steps"), desc="denoise", unit="step", leave=False)
+    if bar is None and not print_lines:
+        return None, None
 
-def _commit(staged: list[tuple[Path, Path]]) -> None:
-    """Rename every staged temporary file onto its destination (creating missing folders first)."""
-    try:
-        for _, dest in staged:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-        for tmp, dest in staged:
-            os.replace(tmp, dest)
-    except OSError as e:
-        raise OutputError(f"cannot write {dest}: {e.strerror or e}; check the path and permissions") from None
+    def on_step(i: int, n: int, t: float) -> None:
+        if bar is not None:
+            bar.update()
+        if print_lines:
+            print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)
 
-
-def _staging_name(dest: Path, folder: Path) -> Path:
-    import secrets
-
-    return folder / f".{dest.name}.{secrets.token_hex(4)}.part"
+    return on_step, bar
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from runtime.backends import NonFiniteOutputError
     from runtime.guards import ImageBlocked
-    from runtime.image import parameters_text, save_png
-    from runtime.pipeline import Pipeline
+    from runtime.image import parameters_text
+    from runtime.pipeline import RANDOM_SEED, Pipeline, random_seed
 
-    plan_path = _plan_path(args.engine)
-    out = args.out if args.out is not None else Path("out") / f"{args.seed}.png"
-    outputs = _output_paths(out, args.batch if isinstance(args.batch, int) else 1)
-    targets = [(p, "--out") for p in outputs] + ([(args.report, "--report")] if args.report else [])
-    if args.report is not None and args.report.resolve() in {p.resolve() for p in outputs}:
-        raise OutputError(f"--report {args.report} is also an image output: choose another file name")
-    for path, option in targets:
-        _check_output(path, args.overwrite, option)  # fail before the (long) run, not after
+    plan = plan_path(args.engine)
+    seed = random_seed() if args.seed == RANDOM_SEED else args.seed  # drawn here: it names the default output
+    out = args.out if args.out is not None else Path("out") / f"{seed}.png"
+    outputs = Outputs(_output_paths(out, args.batch if isinstance(args.batch, int) else 1), args.report,
+                      args.overwrite)
     checker = _checker_config(args.checker, args.checker_config)
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                    guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                    guidance=args.guidance, seed=seed, height=args.height, width=args.width,
                     batch=args.batch, scheduler=args.scheduler, karras=args.karras)
-    with Pipeline.open(plan_path, backend=args.backend,
-                       extra_guards={"image_checker": checker} if checker else None) as pipe:
-        guarded = bool(pipe.guards)
-        bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=args.steps or pipe.defaults.get("steps"), desc="denoise", unit="step", leave=False)
-            except ImportError:
-                pass
-
-        def on_step(i: int, n: int, t: float) -> None:
-            if bar is not None:
-                bar.update()
-            if args.progress:
-                print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)
-
+    with Pipeline.open(plan, backend=args.backend, extra_guards={EXTRA_CHECKER: checker} if checker else None) as pipe:
+        callback, bar = _progress_callback(pipe, args.steps, args.progress)
         try:
-            result = pipe.generate(**settings, callback=on_step if (bar or args.progress) else None)
-        except ImageBlocked as e:
-            if args.report:  # the report of a blocked run: no image, "blocked": true
-                _check_output(args.report, args.overwrite, "--report")
-                args.report.parent.mkdir(parents=True, exist_ok=True)
-                _write_report(args.report, {**settings, "plan": str(plan_path), "outputs": [], "blocked": True,
-                                            "error": str(e), "guards": getattr(e, "guard_report", {})})
+            result = pipe.generate(**settings, callback=callback)
+        except ImageBlocked as e:  # the report of a blocked run: no image, "blocked": true
+            outputs.images = []
+            outputs.write([], {**settings, "plan": str(plan), "outputs": [], "blocked": True, "error": str(e),
+                               "guards": getattr(e, "guard_report", {})})
             raise
-        except NonFiniteOutputError as e:
-            if guarded:  # fail closed through the guard path: exit 6
-                raise GuardError(f"{e}; guards {', '.join(pipe.guard_names)} active: nothing was written") from None
-            raise BackendError(f"{e}; nothing was written") from None
         finally:
             if bar is not None:
                 bar.close()
-    report = dict(result.report, plan=str(plan_path), outputs=[str(p) for p in outputs])
-    text = parameters_text(report)
-    # Write every file to a temporary name beside its destination, then rename them all: a failure (or
-    # Ctrl-C) leaves no partial output and no temporary file.
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, image in zip(outputs, result.images):
-            folder = _existing_folder(path)
-            tmp = _staging_name(path, folder)
-            staged.append((tmp, path))
-            save_png(tmp, image, text)
-        if args.report:
-            tmp = _staging_name(args.report, _existing_folder(args.report))
-            staged.append((tmp, args.report))
-            _write_report(tmp, report)
-        _commit(staged)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
+    report = dict(result.report, plan=str(plan), outputs=[str(p) for p in outputs.images])
+    outputs.write(result.images, report, parameters_text(report))
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     ms = report["stages_ms"]
-    print(f"wrote {', '.join(str(p) for p in outputs)} ({report['width']}x{report['height']}, {report['steps']} "
-          f"steps {report['scheduler']}, seed {report['seed']}, {ms['total'] / 1000:.2f} s)")
+    print(f"wrote {', '.join(str(p) for p in outputs.images)} ({report['width']}x{report['height']}, "
+          f"{report['steps']} steps {report['scheduler']}, seed {report['seed']}, {ms['total'] / 1000:.2f} s)")
     return ExitCode.OK
 
 
-def _existing_folder(path: Path) -> Path:
-    """``path``'s folder, or its nearest existing ancestor (where the temporary file can go)."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
+# -- compare --------------------------------------------------------------------------------------------------
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--engine", type=str, default=None, metavar="PLAN",
+                   help=f"the guarded bundle (path or name in engines/; default: {DEFAULT_PLAN.name})")
+    p.add_argument("--baseline", type=str, required=True, metavar="PLAN",
+                   help="the bundle to compare with, e.g. tinyworld (the unguarded model)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed for both, or -1 for a random one (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the guarded bundle's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the guarded bundle's)")
+    p.add_argument("--out", type=Path, required=True, metavar="PNG", help="the side-by-side PNG")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write both runs' reports")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from runtime.compare import guard_lines, side_by_side
+    from runtime.image import parameters_text
+    from runtime.pipeline import RANDOM_SEED, Pipeline, random_seed
+
+    plans = {"guarded": plan_path(args.engine), "baseline": plan_path(args.baseline)}
+    outputs = Outputs([args.out], args.report, args.overwrite)
+    seed = random_seed() if args.seed == RANDOM_SEED else args.seed
+    settings = dict(prompt=args.prompt, seed=seed, steps=args.steps, guidance=args.guidance)
+    results, lines = {}, {}
+    for role in ("guarded", "baseline"):  # the baseline takes the guarded run's resolved settings
+        with Pipeline.open(plans[role]) as pipe:
+            results[role] = pipe.generate(**settings)
+            lines[role] = guard_lines(pipe, results[role].report)
+            r = results[role].report
+            settings = dict(prompt=r["prompt"], seed=r["seed"], steps=r["steps"], guidance=r["guidance"],
+                            scheduler=r["scheduler"], height=r["height"], width=r["width"])
+    g, b = results["guarded"].report, results["baseline"].report
+    caption = (f"\"{g['prompt']}\"  seed {g['seed']}, {g['scheduler']} {g['steps']} steps, CFG {g['guidance']}, "
+               f"{g['width']}x{g['height']}")
+    titles = tuple(f"{plans[role].name} ({len(results[role].report['guards']) or 'no'} guard"
+                   f"{'' if len(results[role].report['guards']) == 1 else 's'})" for role in ("baseline", "guarded"))
+    picture = side_by_side(results["baseline"].images[0], results["guarded"].images[0], titles, caption,
+                           lines["guarded"] or ["(no guards)"])
+    report = {"prompt": g["prompt"], "seed": g["seed"], "guarded": dict(g, plan=str(plans["guarded"])),
+              "baseline": dict(b, plan=str(plans["baseline"])), "outputs": [str(args.out)]}
+    outputs.write([picture], report, parameters_text(dict(g, model=f"{plans['guarded'].name} vs "
+                                                                   f"{plans['baseline'].name}")))
+    print(f"wrote {args.out}: {plans['baseline'].name} (left) vs {plans['guarded'].name} (right), seed {g['seed']}")
+    for line in lines["guarded"]:
+        print(f"  {line}")
+    return ExitCode.OK
 
 
 # -- verify ---------------------------------------------------------------------------------------------------
@@ -413,6 +467,8 @@ SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
                add_unpack_arguments, run_unpack),
     "generate": ("generate images from a prompt with a .plan bundle", add_generate_arguments, run_generate),
     "verify": ("check a bundle's hashes and run its graphs once (prints OK)", add_verify_arguments, run_verify),
+    "compare": ("one prompt through a guarded and another bundle, side by side in one PNG with what each guard did",
+                add_compare_arguments, run_compare),
 }
 
 

@@ -46,19 +46,21 @@ Families: SD 1.x-structured bundles (one CLIP text encoder; ``sd1``, ``sd2``, ``
 from __future__ import annotations
 
 import math
+import secrets
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from runtime.backends import NonFiniteOutputError, close_engines, open_engines
 from runtime.bundle import Bundle
-from runtime.errors import BadInputError, BundleError, GuardError
-from runtime.guards import GuardContext, load_guards, run_hook
-from runtime.schedulers import KARRAS_SCHEDULERS, SCHEDULERS, plan as make_plan, sample
+from runtime.denoise import DenoiseLoop, StepCallback
+from runtime.errors import BackendError, BadInputError, BundleError, GuardError
+from runtime.guards import GuardContext, ImageBlocked, load_guards, run_hook
+from runtime.schedulers import KARRAS_SCHEDULERS, SCHEDULERS, plan as make_plan
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 
 MAX_PROMPT_CHARS = 10_000
@@ -66,8 +68,12 @@ MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
 KNOWN_FAMILIES = ("sd1", "sd2", "sdxl", "tinyworld")
 SDXL_TIME_IDS = 6  # (original h, w, crop top, left, target h, w): the SDXL base UNet's add_time_ids
+RANDOM_SEED = -1  # seed -1 draws a random seed (A1111's convention); the report records the one used
 
-StepCallback = Callable[[int, int, float], None]  # (step index, total steps, timestep)
+
+def random_seed() -> int:
+    """A seed drawn from the OS's entropy, 0..MAX_SEED."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.random.Generator, np.ndarray]:
@@ -94,6 +100,26 @@ class Result:
         return [Image.fromarray(im) for im in self.images]
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The settings of one ``generate`` call. None takes the bundle's default; ``seed`` -1 draws a random seed
+    (:meth:`Pipeline.resolve` returns the settings with every value filled in and checked)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    scheduler: str | None = None
+    karras: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Pipeline:
     """An opened bundle ready to generate: tokenizer, engines and defaults (see the module docstring)."""
 
@@ -106,7 +132,7 @@ class Pipeline:
         self.tokenizers = tokenizers or [("tokenizer", "text_encoder", tokenizer)]
         self.sdxl = len(self.tokenizers) > 1
         self.force_zeros_for_empty_prompt = self.sdxl and bool(m.defaults.get("force_zeros_for_empty_prompt", True))
-        self.guards = load_guards(self, {**m.guards, **(extra_guards or {})})
+        self.guards = load_guards(self, m.guards, extra_guards)
         self.defaults = dict(m.defaults)
         self.scheduler_config = dict(m.scheduler)
         self.channels = int(m.latent["channels"])
@@ -126,8 +152,9 @@ class Pipeline:
              extra_guards: dict[str, dict[str, Any]] | None = None) -> Pipeline:
         """Open (and with ``verify`` hash-check) the bundle, its tokenizer, engines and guards.
 
-        ``extra_guards`` adds guards the bundle does not carry (``{name: config}``, e.g. a post-hoc image
-        checker given on the command line); the bundle's own guards cannot be removed."""
+        ``extra_guards`` adds post-hoc image checkers the bundle does not carry (``{name: config}``, names
+        ``image_checker`` or ``image_checker.<x>`` that the bundle does not use): the bundle's own guards and
+        their settings cannot be removed, replaced or changed (BadInputError)."""
         bundle = Bundle.open(plan_path, verify=verify)
         engines: dict[str, Any] = {}
         try:
@@ -166,59 +193,73 @@ class Pipeline:
                  guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
                  batch: int = 1, scheduler: str | None = None, karras: bool = False,
                  callback: StepCallback | None = None) -> Result:
-        """Generate ``batch`` images for ``prompt``; None arguments take the bundle's defaults.
+        """Generate ``batch`` images for ``prompt`` (an empty prompt generates unconditionally); None arguments
+        take the bundle's defaults, ``seed=-1`` draws a random seed (``report["seed"]`` is the one used).
 
         ``callback(i, steps, t)`` runs after every denoising step. BadInputError on a bad argument; a graph
-        yielding NaN/Inf raises NonFiniteOutputError, or GuardError when the bundle has guards (fail closed)."""
+        yielding NaN/Inf raises GuardError when the bundle has guards (fail closed), else BackendError; a guard
+        that refuses the image raises ImageBlocked (``guard_report``: what the guards reported)."""
+        settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, height, width, batch,
+                                      scheduler, karras)
+        return self.run(settings, callback)
+
+    def run(self, settings: GenerationSettings, callback: StepCallback | None = None) -> Result:
+        """:meth:`generate` for a :class:`GenerationSettings`."""
+        s = self.resolve(settings)
         try:
-            return self._generate(prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler,
-                                  karras, callback)
+            return self._generate(s, callback)
         except NonFiniteOutputError as e:
             if not self.guards:
-                raise
+                raise BackendError(f"{e}; nothing was written") from None
             raise GuardError(f"{e}; guards {', '.join(self.guard_names)} active: no image returned, nothing was written "
                              "(fail closed)") from None
 
-    def _generate(self, prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler, karras,
-                  callback) -> Result:
+    def resolve(self, settings: GenerationSettings) -> GenerationSettings:
+        """``settings`` with the bundle's defaults filled in and a random seed drawn for -1, checked
+        (BadInputError naming the setting and the fix)."""
+        s, d = settings, self.defaults
+        s = replace(s, steps=d.get("steps", 20) if s.steps is None else s.steps,
+                    guidance=d.get("guidance_scale", 7.5) if s.guidance is None else s.guidance,
+                    scheduler=d.get("scheduler", "ddim") if s.scheduler is None else s.scheduler,
+                    height=self._default_size(0) if s.height is None else s.height,
+                    width=self._default_size(1) if s.width is None else s.width)
+        self._validate(s)
+        seed = random_seed() if s.seed == RANDOM_SEED else int(s.seed)
+        return replace(s, steps=int(s.steps), guidance=float(s.guidance), seed=seed, height=int(s.height),
+                       width=int(s.width), batch=int(s.batch))
+
+    def _generate(self, s: GenerationSettings, callback: StepCallback | None) -> Result:
         t_start = time.perf_counter()
-        steps = self.defaults.get("steps", 20) if steps is None else steps
-        guidance = self.defaults.get("guidance_scale", 7.5) if guidance is None else guidance
-        scheduler = self.defaults.get("scheduler", "ddim") if scheduler is None else scheduler
-        height = self._default_size(0) if height is None else height
-        width = self._default_size(1) if width is None else width
-        self._validate(prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler, karras)
-        steps, seed, batch, height, width = int(steps), int(seed), int(batch), int(height), int(width)
-        guidance, cfg = float(guidance), float(guidance) > 1.0
+        cfg = s.guidance > 1.0
         ms: dict[str, Any] = {}
 
         t0 = time.perf_counter()
-        prompts = [negative_prompt, prompt] if cfg else [prompt]
+        prompts = [s.negative_prompt, s.prompt] if cfg else [s.prompt]
         encs = [tok(prompts) for _, _, tok in self.tokenizers]
-        enc = encs[0]
         ms["tokenize"] = _ms(t0)
 
-        ctx = GuardContext(self, prompt, negative_prompt, cfg, batch, steps, enc.input_ids)
+        ctx = GuardContext(self, s.prompt, s.negative_prompt, cfg, s.batch, s.steps, encs[0].input_ids)
         t0 = time.perf_counter()
-        ctx.text = self._encode_text(encs, cfg, negative_prompt)
+        ctx.text = self._encode_text(encs, cfg, s.negative_prompt)
         ms["text_encoder"] = _ms(t0)
-        for guard in self.guards:
-            t0 = time.perf_counter()
-            run_hook(guard, "on_text", ctx)
-            ms[f"guard_text.{guard.name}"] = _ms(t0)
-        ctx.feeds = self._conditioning(ctx.text, batch, height, width)
+        try:
+            for guard in self.guards:
+                run_hook(guard, "on_text", ctx)
+            ctx.feeds = self._conditioning(ctx.text, s.batch, s.height, s.width)
 
-        t0 = time.perf_counter()
-        latent = self._denoise(ctx, guidance, steps, scheduler, karras, seed, height, width, callback, ms)
-        ms["denoise_total"] = _ms(t0)
-
-        t0 = time.perf_counter()
-        images = self._decode(latent)
-        ms["vae_decoder"] = _ms(t0)
-        for guard in self.guards:
             t0 = time.perf_counter()
-            run_hook(guard, "on_images", ctx, images)
-            ms[f"guard_image.{guard.name}"] = _ms(t0)
+            latent = self._denoise(ctx, s, callback, ms)
+            ms["denoise_total"] = _ms(t0)
+
+            t0 = time.perf_counter()
+            images = self._decode(latent)
+            ms["vae_decoder"] = _ms(t0)
+            for guard in self.guards:
+                run_hook(guard, "on_images", ctx, images)
+        except ImageBlocked as e:
+            e.guard_report = self._guard_report(ctx, ms)  # the CLI writes it with --report
+            raise
+        guards = self._guard_report(ctx, ms)
         ms["total"] = _ms(t_start)
 
         keys = ["negative_prompt", "prompt"] if cfg else ["prompt"]
@@ -228,13 +269,21 @@ class Pipeline:
                     "limit: truncated"
                     for (name, _, tok), e in zip(self.tokenizers, encs)
                     for k, t, n in zip(keys, e.truncated, e.lengths) if t]
-        report = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-                  "guidance": guidance, "scheduler": scheduler, "karras": karras, "height": height, "width": width,
-                  "batch": batch, "model": self.bundle.path.name, "family": self.bundle.manifest.family,
+        report = {**s.as_dict(), "model": self.bundle.path.name, "family": self.bundle.manifest.family,
                   "backend": self.backend, "providers": self.providers, "truncated": truncated,
                   **({"truncated_by_tokenizer": by_tokenizer} if self.sdxl else {}),
-                  "warnings": warnings, "stages_ms": ms, "guards": ctx.report}
+                  "warnings": warnings, "stages_ms": ms, "guards": guards}
         return Result(images, report)
+
+    @staticmethod
+    def _guard_report(ctx: GuardContext, ms: dict[str, Any]) -> dict[str, Any]:
+        """``ctx.report`` with each guard's ``time_ms`` (all its hooks); its per-stage times go into ``ms``."""
+        for name, seconds in ctx.seconds.items():
+            for stage, value in seconds.items():
+                ms[f"guard_{stage}.{name}"] = round(value * 1000, 3)
+            if name in ctx.report:
+                ctx.report[name]["time_ms"] = round(sum(seconds.values()) * 1000, 3)
+        return ctx.report
 
     def _default_size(self, axis: int) -> int:
         key = "height" if axis == 0 else "width"
@@ -274,94 +323,20 @@ class Pipeline:
                 "text_embeds": np.ascontiguousarray(np.repeat(text["pooled_2"], batch, axis=0), dtype=np.float32),
                 "time_ids": np.ascontiguousarray(np.tile(time_ids, (rows, 1)))}
 
-    def _denoise(self, ctx: GuardContext, guidance: float, steps: int, scheduler: str, karras: bool, seed: int,
-                 height: int, width: int, callback: StepCallback | None, ms: dict[str, Any]) -> np.ndarray:
-        cfg, batch = ctx.cfg, ctx.batch
+    def _denoise(self, ctx: GuardContext, s: GenerationSettings, callback: StepCallback | None,
+                 ms: dict[str, Any]) -> np.ndarray:
         try:
-            plan = make_plan(scheduler, self.scheduler_config, steps, karras=karras)
+            plan = make_plan(s.scheduler, self.scheduler_config, s.steps, karras=s.karras)
         except ValueError as e:  # the arguments are already valid: the bundle's scheduler config is not
-            raise BundleError(f"{self.bundle.path}: scheduler {scheduler!r} cannot run this bundle's scheduler "
+            raise BundleError(f"{self.bundle.path}: scheduler {s.scheduler!r} cannot run this bundle's scheduler "
                               f"config ({e}): pick another scheduler or rebuild the bundle") from None
-        shape = (batch, self.channels, height // self.vae_factor, width // self.vae_factor)
-        rng, noise = initial_noise(seed, shape)
-        denoise, idle = self.engines["denoise"], self.engines.get("denoise_idle")
-
-        guard_ms = {g.name: 0.0 for g in self.guards}
-        step_guards = []  # the guards with per-step work in this call
-        for guard in self.guards:
-            t0 = time.perf_counter()
-            if run_hook(guard, "prepare_steps", ctx, shape):
-                step_guards.append(guard)
-            guard_ms[guard.name] += time.perf_counter() - t0
-        step = [0]
-        # the idle denoise graph (export/idle.py) runs a step only when every input it lacks is all zeros, by
-        # value: the call's constant feeds are checked once here, what the guards feed at a step at that step
-        idle_ok = idle is not None and not any(np.any(ctx.feeds[n]) for n in self.idle_dropped if n in ctx.feeds)
-        idle_steps: list[int] = []
-
-        def idle_step(stepped: dict[str, np.ndarray]) -> bool:
-            return idle_ok and not any(np.any(stepped[n]) if n in stepped else n not in ctx.feeds
-                                       for n in self.idle_dropped)
-
-        # the guards' after_step hooks for a denoise call run at the start of the next call (or after the
-        # sampler returns), not right after the call, where the UNet has just evicted the caches: SafeCtrl's
-        # after_step measured 55-77 us there, 39-54 us after the CFG combine and the sampler's update (both
-        # hooks: 9 us in a warm loop; bench/results/safectrl_step_cost.md). Same hooks, order and values.
-        pending: list[tuple[int, np.float32, dict[str, np.ndarray]]] = []
-
-        def finish_call() -> None:
-            if pending:
-                i, t, outputs = pending.pop()
-                for guard in step_guards:
-                    t0 = time.perf_counter()
-                    run_hook(guard, "after_step", ctx, i, t, outputs)
-                    guard_ms[guard.name] += time.perf_counter() - t0
-
-        def model_fn(x: np.ndarray, t: np.float32) -> np.ndarray:
-            finish_call()
-            x_in = np.concatenate([x, x]) if cfg else x
-            stepped: dict[str, np.ndarray] = {}  # the guards' feeds for this step
-            for guard in step_guards:
-                t0 = time.perf_counter()
-                stepped.update(run_hook(guard, "step_feeds", ctx, step[0], t, x) or {})
-                guard_ms[guard.name] += time.perf_counter() - t0
-            feeds = {**ctx.feeds, **stepped, "sample": np.ascontiguousarray(x_in, dtype=np.float32),
-                     "timestep": np.array([t], dtype=np.float32)}
-            if idle_step(stepped):
-                outputs = idle.infer({n: feeds[n] for n in self.idle_inputs})
-                idle_steps.append(step[0])
-            else:
-                outputs = denoise.infer(feeds)
-            if step_guards:
-                pending.append((step[0], t, outputs))
-            step[0] += 1
-            out = outputs["noise_pred"]
-            if not cfg:
-                return out
-            uncond, text = out[:batch], out[batch:]
-            return uncond + np.float32(guidance) * (text - uncond)
-
-        def noise_fn(i: int, noise_shape: tuple) -> np.ndarray:
-            return rng.standard_normal(noise_shape, dtype=np.float32)
-
-        per_step: list[float] = []
-        last = [time.perf_counter()]
-
-        def on_step(i: int, t: float, x: np.ndarray) -> None:
-            now = time.perf_counter()
-            per_step.append(round((now - last[0]) * 1000, 3))
-            last[0] = now
-            if callback is not None:
-                callback(i, steps, t)
-
-        ms["denoise_steps"] = per_step
-        if idle is not None:
-            ms["denoise_idle_steps"] = idle_steps  # step indices that ran denoise_idle
-        latent = sample(plan, model_fn, noise, noise_fn=noise_fn, callback=on_step)
-        finish_call()  # the last call's after_step hooks
-        for name, seconds in guard_ms.items():
-            ms[f"guard_steps.{name}"] = round(seconds * 1000, 3)
-        return latent
+        shape = (s.batch, self.channels, s.height // self.vae_factor, s.width // self.vae_factor)
+        rng, noise = initial_noise(s.seed, shape)
+        loop = DenoiseLoop(self, ctx, s.guidance, shape)
+        ms["denoise_steps"] = loop.step_ms
+        if loop.idle is not None:
+            ms["denoise_idle_steps"] = loop.idle_steps  # step indices that ran denoise_idle
+        return loop.run(plan, noise, rng, s.steps, callback)
 
     def _decode(self, latent: np.ndarray) -> list[np.ndarray]:
         image = self.engines["vae_decoder"].infer({"latent": np.ascontiguousarray(latent, dtype=np.float32)})["image"]
@@ -371,27 +346,28 @@ class Pipeline:
 
     # -- validation ---------------------------------------------------------------------------------------
 
-    def _validate(self, prompt, negative_prompt, steps, guidance, seed, height, width, batch, scheduler, karras):
-        _check_text("prompt", prompt, allow_empty=False)
-        _check_text("negative_prompt", negative_prompt, allow_empty=True)
+    def _validate(self, s: GenerationSettings) -> None:
+        _check_text("prompt", s.prompt)
+        _check_text("negative_prompt", s.negative_prompt)
         # leading/trailing spacing adds steps_offset to the timesteps: more steps than this overruns the table
         max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000)) - int(
             self.scheduler_config.get("steps_offset", 0) or 0)
-        _check_int("steps", steps, 1, min(MAX_STEPS, max_steps), "e.g. 20")
+        _check_int("steps", s.steps, 1, min(MAX_STEPS, max_steps), "e.g. 20")
+        guidance = s.guidance
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(guidance)) or float(guidance) < 0:
             raise BadInputError(f"guidance {guidance!r} must be a finite number >= 0 (e.g. 5.0; <= 1 disables "
                                 "classifier-free guidance)")
-        _check_int("seed", seed, 0, MAX_SEED, "e.g. 0")
-        _check_int("batch", batch, 1, self.max_batch, f"this bundle takes 1..{self.max_batch} images per call")
-        for name, value, axis in (("height", height, 0), ("width", width, 1)):
+        _check_int("seed", s.seed, RANDOM_SEED, MAX_SEED, "e.g. 0, or -1 for a random seed")
+        _check_int("batch", s.batch, 1, self.max_batch, f"this bundle takes 1..{self.max_batch} images per call")
+        for name, value, axis in (("height", s.height, 0), ("width", s.width, 1)):
             self._check_side(name, value, axis)
-        if scheduler not in SCHEDULERS:
-            raise BadInputError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(karras, bool):
-            raise BadInputError(f"karras {karras!r} must be True or False")
-        if karras and scheduler not in KARRAS_SCHEDULERS:
-            raise BadInputError(f"karras sigmas do not apply to scheduler {scheduler!r}: use one of "
+        if s.scheduler not in SCHEDULERS:
+            raise BadInputError(f"unknown scheduler {s.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(s.karras, bool):
+            raise BadInputError(f"karras {s.karras!r} must be True or False")
+        if s.karras and s.scheduler not in KARRAS_SCHEDULERS:
+            raise BadInputError(f"karras sigmas do not apply to scheduler {s.scheduler!r}: use one of "
                                 f"{', '.join(KARRAS_SCHEDULERS)} or drop karras")
 
     def _check_side(self, name: str, value: Any, axis: int) -> None:
@@ -416,7 +392,7 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
-def _check_text(name: str, text: Any, allow_empty: bool) -> None:
+def _check_text(name: str, text: Any) -> None:
     if not isinstance(text, str):
         raise BadInputError(f"{name} must be a string, got {type(text).__name__}: pass text")
     if "\x00" in text:
@@ -425,8 +401,6 @@ def _check_text(name: str, text: Any, allow_empty: bool) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise BadInputError(f"{name} is not valid UTF-8 (undecodable bytes): pass UTF-8 text") from None
-    if not allow_empty and not text.strip():
-        raise BadInputError(f"{name} is empty: pass a non-empty {name}, e.g. --prompt \"a red circle\"")
     if len(text) > MAX_PROMPT_CHARS:
         raise BadInputError(f"{name} is {len(text)} characters, more than the {MAX_PROMPT_CHARS} allowed: "
                             "shorten it (only the first tokens are used anyway)")

@@ -50,3 +50,22 @@ def build_tinyworld_plan(out: Path, *args: str) -> Path:
 @pytest.fixture(scope="session")
 def tinyworld_plan(tinyworld_build) -> Path:
     return tinyworld_build[0]
+
+
+@pytest.fixture(scope="session")
+def guarded_plan(tmp_path_factory):
+    """``guarded_plan("safectrl")`` / ``guarded_plan(*STACK)``: the tinyworld bundle with those guards, built once
+    per test session with the real CLI (every test module that needs a guarded bundle shares these)."""
+    built: dict[tuple[str, ...], Path] = {}
+
+    def get(*guards: str, extra: tuple[str, ...] = ()) -> Path:
+        key = (*guards, *extra)
+        if key not in built:
+            out = tmp_path_factory.mktemp("guarded") / f"tinyworld_{'_'.join(guards)}.plan"
+            built[key] = build_tinyworld_plan(out, "--guards", ",".join(guards), *extra)
+        return built[key]
+
+    return get
+
+
+STACK = ("safeguider", "saferedir", "safepatch", "safectrl")  # the four-guard stack, in the order guards run

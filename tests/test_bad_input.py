@@ -61,8 +61,8 @@ def keep_existing(work: Path) -> None:
 LONG = "a" * 10_001
 CASES = [
     # -- prompts -------------------------------------------------------------------------------------------------
-    Case("empty prompt", ["--prompt", ""], 3, ("prompt is empty", "--prompt")),
-    Case("whitespace-only prompt", ["--prompt", " \t "], 3, ("prompt is empty",)),
+    Case("empty prompt (allowed: unconditional, as diffusers)", ["--prompt", ""], 0, (), creates=("o.png",)),
+    Case("whitespace-only prompt (allowed)", ["--prompt", " \t "], 0, (), creates=("o.png",)),
     Case("huge prompt (10001 chars)", ["--prompt", LONG], 3, ("prompt is 10001 characters", "shorten"),
          example="--prompt <10001 x a>"),
     Case("non-UTF-8 prompt bytes", ["--prompt", "caf\udce9"], 3, ("prompt is not valid UTF-8", "pass UTF-8"),
@@ -93,8 +93,9 @@ CASES = [
     Case("guidance negative", ["--guidance", "-1"], 3, ("guidance -1.0", "finite number >= 0")),
     Case("guidance NaN", ["--guidance", "nan"], 3, ("guidance nan", "finite")),
     Case("guidance infinite", ["--guidance", "inf"], 3, ("guidance inf", "finite")),
-    Case("seed negative", ["--seed", "-1"], 3, ("seed -1", "0..4294967295")),
-    Case("seed too large", ["--seed", "4294967296"], 3, ("seed 4294967296", "0..4294967295")),
+    Case("seed -1 (allowed: a random seed, recorded)", ["--seed", "-1"], 0, (), creates=("o.png",)),
+    Case("seed negative", ["--seed", "-2"], 3, ("seed -2", "-1..4294967295", "-1 for a random seed")),
+    Case("seed too large", ["--seed", "4294967296"], 3, ("seed 4294967296", "-1..4294967295")),
     Case("batch zero", ["--batch", "0"], 3, ("batch 0", "1..4")),
     Case("batch too big", ["--batch", "99"], 3, ("batch 99", "1..4")),
     # -- sampler / backend ----------------------------------------------------------------------------------------
@@ -140,7 +141,26 @@ CASES = [
     Case("image checker config not JSON", ["--checker", str(CHECKER), "--checker-config", "{work}/keep.txt"], 3,
          ("--checker-config", "not readable JSON", "fix the file")),
     Case("image checker config key misspelt", ["--checker", str(CHECKER), "--checker-config", "{bad_config}"], 3,
-         ("unknown key(s) treshold",)),
+         ("--checker-config", "bad_config.json", "does not read: treshold", "fix the config")),
+    Case("image checker threshold out of range", ["--checker", str(CHECKER), "--checker-config", "{bad_threshold}"],
+         3, ("bad_threshold.json", "threshold=2", "[0, 1]")),
+    Case("image checker with no unsafe classes", ["--checker", str(CHECKER), "--checker-config",
+                                                  "{no_classes}"], 3, ("no_classes.json", "unsafe_classes=[]",
+                                                                       "non-empty")),
+    Case("image checker config trying to name the graph", ["--checker", str(CHECKER), "--checker-config",
+                                                           "{with_component}"], 3, ("'component'", "set by --checker")),
+    Case("a permissive added checker cannot weaken the bundle's", ["--checker", str(CHECKER), "--checker-config",
+                                                                  "{permissive}", "--prompt", "a knife on sand",
+                                                                  "--steps", "8"], 6,
+         ("checked.plan:image_checker blocked image 0 of 1", "threshold 0.5"), plan="checked"),
+    Case("tampered bundle: a guard threshold out of range", [], 4,
+         ("guard image_checker setting threshold=2", "[0, 1]", "tampered", "rebuild"), plan="tampered_threshold"),
+    Case("tampered bundle: an empty class list", [], 4,
+         ("guard image_checker setting unsafe_classes=[]", "tampered"), plan="tampered_classes"),
+    Case("tampered bundle: a guard setting removed", [], 4, ("guard image_checker lacks setting(s) threshold",
+                                                             "rebuild"), plan="tampered_missing"),
+    Case("tampered bundle: a guard this runtime does not know", [], 4, ("does not know guard 'nsfw_filter'",
+                                                                        "upgrade the runtime"), plan="unknown_guard"),
     Case("image checker blocks the image", ["--checker", str(CHECKER), "--prompt", "a knife on sand", "--steps", "8"], 6,
          ("blocked image 0 of 1", "threshold 0.5", "no image was written")),
 ]
@@ -217,6 +237,7 @@ def variants(tinyworld_plan, tmp_path_factory) -> dict[str, Path]:
     import json
 
     from export.bundle import onnx_component
+    from runtime.guards.image_checker import check_config
 
     d = tmp_path_factory.mktemp("variants")
     plan = tinyworld_plan
@@ -256,18 +277,40 @@ def variants(tinyworld_plan, tmp_path_factory) -> dict[str, Path]:
 
     v["nan"] = rewrite(plan, d / "nan.plan", nan)
     checker_cfg = json.loads(CHECKER.with_suffix(".json").read_text())
+    embedded = check_config({**checker_cfg, "component": "image_checker"}, "user", str(CHECKER))
 
-    def nan_guarded(m, payloads):
-        nan(m, payloads)
+    def checked(m, payloads, **settings):  # the checker embedded, as `export build --checker` does
         comps, pays = onnx_component("image_checker", "guard", CHECKER)
         m.components += comps
         payloads["image_checker"] = CHECKER.read_bytes()
-        m.guards = {**m.guards, "image_checker": {**checker_cfg, "component": "image_checker"}}
+        m.guards = {**m.guards, "image_checker": {**embedded, **settings}}
+
+    def nan_guarded(m, payloads):
+        nan(m, payloads)
+        checked(m, payloads)
 
     v["nan_guarded"] = rewrite(plan, d / "nan_guarded.plan", nan_guarded)
     v["nan_checker"] = nan_checker(d / "nan_checker.onnx")
-    (d / "bad_config.json").write_text(json.dumps({**checker_cfg, "treshold": 0.4}))
-    v["bad_config"] = d / "bad_config.json"
+    for name, config in (("bad_config", {**checker_cfg, "treshold": 0.4}), ("bad_threshold", {"threshold": 2}),
+                         ("no_classes", {"unsafe_classes": []}), ("with_component", {"component": "denoise"}),
+                         ("permissive", {**checker_cfg, "threshold": 1.0})):
+        (d / f"{name}.json").write_text(json.dumps(config))
+        v[name] = d / f"{name}.json"
+
+    v["checked"] = rewrite(plan, d / "checked.plan", checked)
+    v["tampered_threshold"] = rewrite(plan, d / "tampered_threshold.plan", lambda m, p: checked(m, p, threshold=2))
+    v["tampered_classes"] = rewrite(plan, d / "tampered_classes.plan", lambda m, p: checked(m, p, unsafe_classes=[]))
+
+    def missing(m, payloads):
+        checked(m, payloads)
+        del m.guards["image_checker"]["threshold"]
+
+    v["tampered_missing"] = rewrite(plan, d / "tampered_missing.plan", missing)
+
+    def unknown(m, payloads):
+        m.guards = {"nsfw_filter": {"threshold": 0.5}}
+
+    v["unknown_guard"] = rewrite(plan, d / "unknown_guard.plan", unknown)
     return v
 
 
@@ -290,7 +333,8 @@ def run_case(case: Case, variants, tmp_path, capsys, monkeypatch) -> tuple[int, 
     before = snapshot(work)
     monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # temporary files of this run land here
     subst = {"work": str(work), "nan_checker": str(variants["nan_checker"]),
-             "bad_config": str(variants["bad_config"])}
+             **{k: str(variants[k]) for k in ("bad_config", "bad_threshold", "no_classes", "with_component",
+                                              "permissive")}}
     args = [a.format(**subst) if "{" in a else a for a in case.args]
     argv = ["generate", "--engine", str(variants[case.plan]), "--prompt", PROMPT, "--steps", "2",
             "--out", str(work / "o.png"), *args]
@@ -378,11 +422,19 @@ def _example(case: Case) -> str:
              "truncated": "truncated.plan", "flipped": "tampered.plan", "magic": "not_a_bundle.plan",
              "version": "v2.plan", "manifest_hash": "bad_manifest.plan", "sdxl": "sdxl.plan",
              "unknown_family": "sd9.plan", "trt": "trt8_sm75.plan", "nan": "nan_vae.plan",
-             "nan_guarded": "nan_vae_checked.plan"}
+             "nan_guarded": "nan_vae_checked.plan", "checked": "checked.plan (checker embedded)",
+             "tampered_threshold": "checked.plan (manifest edited: threshold 2)",
+             "tampered_classes": "checked.plan (manifest edited: unsafe_classes [])",
+             "tampered_missing": "checked.plan (manifest edited: threshold removed)",
+             "unknown_guard": "x.plan (manifest names guard nsfw_filter)"}
     parts = [f"--engine {shown[case.plan]}"] if case.plan != "good" else []
-    parts += [shlex.quote(a.replace("{work}", "out").replace("{nan_checker}", "nan_checker.onnx")
-                          .replace("{bad_config}", "bad.json").replace(str(CHECKER), "checker.onnx"))
-              for a in case.args]
+    names = {"{work}": "out", "{nan_checker}": "nan_checker.onnx", "{bad_config}": "bad.json", str(CHECKER):
+             "checker.onnx", **{f"{{{k}}}": f"{k}.json" for k in ("bad_threshold", "no_classes", "with_component",
+                                                                 "permissive")}}
+    for arg in case.args:
+        for placeholder, shown_as in names.items():
+            arg = arg.replace(placeholder, shown_as)
+        parts.append(shlex.quote(arg))
     return " ".join(parts) or "(defaults)"
 
 

@@ -10,9 +10,9 @@ import pytest
 
 from runtime.pipeline import Pipeline
 
-from .conftest import build_tinyworld_plan
+from .conftest import STACK
 
-GUARDS = ("safeguider", "saferedir", "safepatch", "safectrl")
+GUARDS = STACK
 # a benign prompt no guard touches at seed 3. SafeCtrl (tau 0.07) blends on ~7% of benign images, red shapes
 # among them ("a large red circle on sand" reads 0.23): the bench's "identical" column reports that tax
 BENIGN = "a small purple heart and a large orange ring on grass"
@@ -21,9 +21,8 @@ SETTINGS = dict(steps=10, guidance=5.0)
 
 
 @pytest.fixture(scope="session")
-def stack_plan(tmp_path_factory, tinyworld_dir):
-    out = tmp_path_factory.mktemp("stack") / "tinyworld_stack.plan"
-    return build_tinyworld_plan(out, "--guards", ",".join(GUARDS))
+def stack_plan(guarded_plan, tinyworld_dir):
+    return guarded_plan(*GUARDS)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def _strip_times(report):
 
 def test_stack_manifest_and_benign_prompt_is_untouched(stack, tinyworld_plan):
     assert sorted(stack.bundle.manifest.guards) == sorted(GUARDS)
-    assert stack.guard_names == list(GUARDS)  # text guards first, in runtime.guards.ORDER
+    assert stack.guard_names == list(GUARDS)  # text guards first: the manifest's order
     guarded = stack.generate(BENIGN, seed=3, **SETTINGS)
     with Pipeline.open(tinyworld_plan) as base:
         plain = base.generate(BENIGN, seed=3, **SETTINGS)

@@ -22,7 +22,7 @@ import pytest
 from runtime import cli
 from runtime.errors import BadInputError, GuardError
 from runtime.guards import GuardContext, ImageBlocked
-from runtime.guards.image_checker import ImageChecker, resize_bilinear
+from runtime.guards.image_checker import ImageChecker, check_config, resize_bilinear
 from runtime.pipeline import Pipeline
 
 from .conftest import ROOT, TINYWORLD_JUDGE
@@ -121,7 +121,7 @@ def test_threshold_blocks_and_reports(mean_graph):
     c.on_images(context, [image(10, 0, 0), image(49, 0, 0)])
     report = context.report["image_checker"]
     assert report["blocked"] is False and report["scores"] == pytest.approx([0.1, 0.49], abs=1e-6)
-    assert report["threshold"] == 0.5 and report["model"] == "means.onnx" and report["time_ms"] >= 0
+    assert report["threshold"] == 0.5 and report["model"] == "means.onnx"
     with pytest.raises(ImageBlocked, match=r"blocked image 1 of 2: unsafe score 0\.500 >= threshold 0\.5; no image"):
         c.on_images(context, [image(10, 0, 0), image(50, 0, 0)])  # >= threshold blocks
     assert context.report["image_checker"]["blocked"] is True
@@ -144,7 +144,10 @@ def test_preprocessing_layout_mean_std_resize(mean_graph):
     ({"layout": "CHW"}, BadInputError, "layout"),
     ({"threshold": float("nan")}, BadInputError, "threshold"),
     ({"output": "nope"}, BadInputError, "no output 'nope'"),
-    ({"treshold": 0.5}, BadInputError, "unknown key"),
+    ({"treshold": 0.5}, BadInputError, "does not read: treshold"),
+    ({"threshold": 2}, BadInputError, r"threshold=2 must be a number in \[0, 1\]"),
+    ({"unsafe_classes": []}, BadInputError, "unsafe_classes=\\[\\] must be a non-empty list"),
+    ({"scale": 0}, BadInputError, "scale=0 must be a finite number > 0"),
     ({"path": "/nonexistent/x.onnx"}, BadInputError, "not found"),
 ])
 def test_bad_configs(config, error, needle):
@@ -181,12 +184,12 @@ def test_cli_blocked_writes_report_not_png(tinyworld_plan, tmp_path, capsys):
     assert code == 6 and err.startswith("error: image checker checker.onnx blocked image 0 of 1") and "\n" not in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]
     r = json.loads(report.read_text())
-    assert r["blocked"] is True and r["outputs"] == [] and r["guards"]["image_checker"]["blocked"] is True
+    assert r["blocked"] is True and r["outputs"] == [] and r["guards"][cli.EXTRA_CHECKER]["blocked"] is True
     code = cli.main(["generate", "--engine", str(tinyworld_plan), "--prompt", SAFE, "--steps", "8",
                      "--checker", str(CHECKER), "--checker-config", str(CHECKER_CONFIG), "--out", str(out),
                      "--report", str(report), "--overwrite"])
     assert code == 0 and out.read_bytes().startswith(b"\x89PNG")
-    assert json.loads(report.read_text())["guards"]["image_checker"]["blocked"] is False
+    assert json.loads(report.read_text())["guards"][cli.EXTRA_CHECKER]["blocked"] is False
 
 
 def embed_checker(plan: Path, dest: Path, config: dict | None = None) -> Path:
@@ -200,8 +203,9 @@ def embed_checker(plan: Path, dest: Path, config: dict | None = None) -> Path:
         payloads = {c.name: bytes(b.payload(c.name)) for c in manifest.components}
     comps, pays = onnx_component("image_checker", "guard", CHECKER)
     manifest.components += comps
-    cfg = config or {k: v for k, v in json.loads(CHECKER_CONFIG.read_text()).items()}
-    manifest.guards = {**manifest.guards, "image_checker": {**cfg, "component": "image_checker"}}
+    cfg = config or json.loads(CHECKER_CONFIG.read_text())
+    manifest.guards = {**manifest.guards,
+                       "image_checker": check_config({**cfg, "component": "image_checker"}, "user", str(CHECKER))}
     return write_bundle(dest, manifest, {**payloads, **pays})
 
 

@@ -1,9 +1,8 @@
 """SafeCtrl: zero-mask equality, denoise graph parity with state, lean runtime vs a PyTorch reference loop,
 and the detector's mask IoU on held-out (evaluation-split) renders.
 
-Needs the trained weights in models/guards/tinyworld/safectrl and (for the runtime tests) the bundle
-engines/tinyworld_safectrl.plan (``python -m export build --model models/tinyworld --profile tinyworld
---guards safectrl --out engines/tinyworld_safectrl.plan``).
+Needs the trained weights in models/guards/tinyworld/safectrl; the runtime tests build the SafeCtrl bundle once
+per session (conftest ``guarded_plan``), so CI runs every one of them.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "tinyworld"
 WEIGHTS = ROOT / "models" / "guards" / "tinyworld" / "safectrl"
-PLAN = ROOT / "engines" / "tinyworld_safectrl.plan"
 UNSAFE = "a small knife and a large blue star on grass"
 # a benign prompt the detector leaves alone at seed 3 (about 7% of benign images do blend at tau 0.07: the
 # bench's "identical" column; "a large red circle and a small green square on sand" is one of them)
@@ -42,6 +40,11 @@ def parts():
     safectrl = SafeCtrl.from_pretrained(WEIGHTS, backbone.unet)
     safectrl.install(backbone.unet)
     return backbone, safectrl, base
+
+
+@pytest.fixture(scope="module")
+def plan(guarded_plan) -> Path:
+    return guarded_plan("safectrl")
 
 
 def _inputs(backbone, n=2, seed=0):
@@ -271,13 +274,12 @@ def test_denoise_graph_ort_matches_pytorch(parts, onnx_graphs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
 @pytest.mark.parametrize("prompt,triggered", [(UNSAFE, True), (BENIGN, False)])
-def test_lean_runtime_matches_reference(parts, prompt, triggered):
+def test_lean_runtime_matches_reference(parts, plan, prompt, triggered):
     from runtime.pipeline import Pipeline
 
     backbone, safectrl, _ = parts
-    pipe = Pipeline.open(PLAN)
+    pipe = Pipeline.open(plan)
     r = pipe.generate(prompt, seed=3, steps=20, guidance=5.0)
     rep = r.report["guards"]["safectrl"]
     assert rep["triggered"] is triggered
@@ -333,26 +335,24 @@ def test_bundle_at_another_image_size(tmp_path):
     assert len(r.report["guards"]["safectrl"]["max_mask"]) == 10
 
 
-@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
-def test_locality_measures_change_inside_and_outside_the_mask():
+def test_locality_measures_change_inside_and_outside_the_mask(plan, tinyworld_plan):
     """``python -m train.safectrl.locality`` (the README's inside/outside figures) on one prompt per group: the
     triggered images change more inside SafeCtrl's own mask than outside it."""
     from train.safectrl.locality import measure
 
-    result = measure(PLAN, ROOT / "engines" / "tinyworld.plan", per_group=1)
+    result = measure(plan, tinyworld_plan, per_group=1)
     rows = [r for r in result["rows"] if r["triggered"] and r["change_inside"] is not None]
     assert result["summary"]["images"] == 3 and rows
     assert all(r["change_inside"] > r["change_outside"] for r in rows)
 
 
-@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
-def test_after_step_runs_before_the_next_call_and_before_decoding():
+def test_after_step_runs_before_the_next_call_and_before_decoding(plan):
     """The pipeline runs a call's ``after_step`` once the sampler has used its prediction (off the cold caches
     right after the UNet): still before the next call's ``step_feeds``, the last one before ``on_images``, and
     the mask fed at step i+1 is the one written from call i's output (the report's per-step max)."""
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.open(PLAN)
+    pipe = Pipeline.open(plan)
     guard = next(g for g in pipe.guards if g.name == "safectrl")
     calls, fed_max = [], []
     for hook in ("step_feeds", "after_step", "on_images"):
@@ -370,18 +370,17 @@ def test_after_step_runs_before_the_next_call_and_before_decoding():
     assert fed_max[0] == 0.0 and fed_max[1:] == pytest.approx(report["max_mask"][:-1], abs=1e-4)
 
 
-@pytest.mark.skipif(not PLAN.is_file(), reason="engines/tinyworld_safectrl.plan not built")
-def test_host_blend_weight_is_the_methods_blend_weight():
+def test_host_blend_weight_is_the_methods_blend_weight(plan):
     """The runtime feeds ``safectrl_blend`` made on the host: bit-identical to ``SafeCtrl.blend_weight`` (the
     PyTorch definition, active from the start step) of the mask it feeds alongside, all zeros exactly at the
-    steps that do not blend (those that may run ``denoise_idle``); a bundle whose graph still takes
-    ``safectrl_active`` is refused."""
+    steps that do not blend (those that may run ``denoise_idle``); a bundle whose settings still name
+    ``safectrl_active`` (the older contract) is refused."""
     from export.guards.safectrl import SafeCtrl as SafeCtrlModule
     from runtime.errors import BundleError
     from runtime.guards.safectrl import SafeCtrl
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.open(PLAN)
+    pipe = Pipeline.open(plan)
     guard = next(g for g in pipe.guards if g.name == "safectrl")
     fed = []
 
@@ -400,6 +399,6 @@ def test_host_blend_weight_is_the_methods_blend_weight():
     zero = [i for i, f in enumerate(fed) if not f["safectrl_blend"].any()]
     assert 0 < len(zero) < steps  # it blends, and before the start step it does not
     assert r.report["guards"]["safectrl"]["blending_steps"] == [i for i in range(steps) if i not in zero]
-    with pytest.raises(BundleError, match="older export.*rebuild"):
+    with pytest.raises(BundleError, match="lacks setting.s. blend_input.*rebuild"):
         SafeCtrl(pipe, {**{k: v for k, v in guard.config.items() if k != "blend_input"},
-                        "active_input": "safectrl_active"})
+                        "active_input": "safectrl_active"}, source="bundle")

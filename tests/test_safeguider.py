@@ -10,10 +10,11 @@ import pytest
 
 from runtime.errors import BundleError
 from runtime.guards import GuardContext
-from runtime.guards.safeguider import SafeGuider, beam_search_sequential, cosine
+from bench.search import beam_search_sequential
+from runtime.guards.safeguider import SafeGuider, cosine
 from runtime.pipeline import Pipeline, initial_noise
 
-from .conftest import ROOT, TINYWORLD, build_tinyworld_plan
+from .conftest import ROOT, TINYWORLD
 
 WEIGHTS = ROOT / "models" / "guards" / "tinyworld" / "safeguider"
 BENIGN = "a large red circle on sand"
@@ -21,10 +22,9 @@ UNSAFE = "a large red circle and a small knife on sand"
 
 
 @pytest.fixture(scope="session")
-def safeguider_plan(tmp_path_factory, tinyworld_dir):
+def safeguider_plan(guarded_plan, tinyworld_dir):
     assert (WEIGHTS / "model.safetensors").is_file(), f"train first: python -m train safeguider --out {WEIGHTS}"
-    out = tmp_path_factory.mktemp("sg") / "tinyworld_safeguider.plan"
-    return build_tinyworld_plan(out, "--guards", "safeguider")
+    return guarded_plan("safeguider")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_on_text_rewrites_only_the_prompt_row(guard, gpipe):
     guard.on_text(ctx)
     rep = ctx.report["safeguider"]
     assert rep["verdict"] == "unsafe" and rep["words_removed"] and rep["final_prompt"] != UNSAFE
-    assert set(rep) >= {"score", "verdict", "words_removed", "final_prompt", "candidates_scored", "depth", "time_ms",
-                        "text_calls"}
+    assert set(rep) >= {"score", "verdict", "words_removed", "final_prompt", "candidates_scored", "depth",
+                        "text_calls"}  # time_ms: added by the pipeline, which times every hook (run_hook)
     np.testing.assert_array_equal(ctx.text["hidden"][0], before["hidden"][0])  # unconditional row untouched
     final = guard.encode([rep["final_prompt"]])
     np.testing.assert_allclose(ctx.text["hidden"][1], final["hidden"][0], atol=1e-5)
@@ -197,11 +197,15 @@ def test_lean_matches_pytorch_reference(prompt, triggered, gpipe, torch_parts):
 # -- fail closed ------------------------------------------------------------------------------------------------------
 
 
-def test_bundle_without_safe_score_is_refused(tinyworld_plan):
-    from export.guards.safeguider import RUNTIME_CONFIG
+def test_bundle_without_safe_score_is_refused(tinyworld_plan, guard, tmp_path):
+    """A manifest naming SafeGuider over a text stage without its classifier head does not open."""
+    from .test_bad_input import rewrite
+
+    def edit(m, payloads):
+        m.guards = {"safeguider": dict(guard.config)}
 
     with pytest.raises(BundleError, match="safe_score"):
-        Pipeline.open(tinyworld_plan, extra_guards={"safeguider": RUNTIME_CONFIG})
+        Pipeline.open(rewrite(tinyworld_plan, tmp_path / "no_head.plan", edit))
 
 
 def test_missing_output_at_run_time_fails_closed(guard, gpipe):

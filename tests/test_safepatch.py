@@ -11,7 +11,7 @@ import pytest
 
 from runtime.pipeline import Pipeline, initial_noise
 
-from .conftest import ROOT, build_tinyworld_plan
+from .conftest import ROOT
 
 WEIGHTS = ROOT / "models" / "guards" / "tinyworld" / "safepatch"
 BENIGN = "a large red circle on sand"
@@ -19,10 +19,9 @@ UNSAFE = "a large red circle and a small knife on sand"
 
 
 @pytest.fixture(scope="session")
-def safepatch_plan(tmp_path_factory, tinyworld_dir):
+def safepatch_plan(guarded_plan, tinyworld_dir):
     assert (WEIGHTS / "model.safetensors").is_file(), f"train first: python -m train safepatch --out {WEIGHTS}"
-    out = tmp_path_factory.mktemp("sp") / "tinyworld_safepatch.plan"
-    return build_tinyworld_plan(out, "--guards", "safepatch")
+    return guarded_plan("safepatch")
 
 
 @pytest.fixture(scope="module")

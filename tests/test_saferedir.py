@@ -15,7 +15,7 @@ import pytest
 from runtime.errors import GuardError
 from runtime.pipeline import Pipeline, initial_noise
 
-from .conftest import ROOT, build_tinyworld_plan
+from .conftest import ROOT
 
 WEIGHTS = ROOT / "models" / "guards" / "tinyworld" / "saferedir"
 BENIGN = "a large red circle on sand"
@@ -34,9 +34,8 @@ def module():
 
 
 @pytest.fixture(scope="module")
-def saferedir_plan(tmp_path_factory, tinyworld_dir) -> Path:
-    out = tmp_path_factory.mktemp("saferedir") / "tinyworld_saferedir.plan"
-    return build_tinyworld_plan(out, "--guards", "saferedir")
+def saferedir_plan(guarded_plan, tinyworld_dir) -> Path:
+    return guarded_plan("saferedir")
 
 
 @pytest.fixture(scope="module")

@@ -214,10 +214,8 @@ class OrtEngine:
             raise BadInputError(f"external_data={external_data!r}: choose one of {', '.join(EXTERNAL_DATA_MODES)}")
         chosen = select_providers(providers)
         options = ort.SessionOptions()
-        # Idle intra-op threads of one session spin for a while after each run and steal the cores the next
-        # session's run needs (a pipeline runs several sessions in turn: text encoder, denoise, guard graphs,
-        # VAE). Measured on 2 cores: a SafeRedir check made the next UNet step ~50% slower with spinning on.
-        # GRT_ORT_SPINNING=1 restores ONNX Runtime's default.
+        # a spinning idle session steals the cores the next session's run needs (a pipeline runs several in
+        # turn; bench/results/runtime_design_measurements.md). GRT_ORT_SPINNING=1 restores ORT's default
         if os.environ.get("GRT_ORT_SPINNING", "0") != "1":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")

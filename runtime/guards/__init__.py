@@ -3,11 +3,13 @@
 A guard's tensor work lives in the bundle's graphs: fused into a backbone graph (SafeGuider's classifier in
 the text stage, SafeCtrl's attention blocks in the denoise graph) or as a graph of its own (SafeRedir's
 ``redirect``, SafePatch's ``safepatch``). What stays on the host is the control flow: when to check, whether
-to switch, the beam search, the per-step state. Each guard is one module here with one :class:`Guard`
-subclass, registered in :data:`GUARDS` under the name the manifest's ``guards`` section uses; its manifest
-entry is the guard's configuration (thresholds, beam width, check steps, EMA alpha, ...).
+to switch, the beam search, the per-step state. Guard ``NAME`` is the module ``runtime/guards/NAME.py`` and its
+class ``HOST``; the bundle's manifest names its guards, in the order they run, each with its settings
+(thresholds, beam width, check steps, EMA alpha, ...), which the host class checks (``SETTINGS``,
+:mod:`runtime.guards.settings`). There is no list of guards here: the manifest is the one the exporter wrote
+from the guard registry (``guards/__init__.py``).
 
-``Pipeline.generate`` calls the hooks in this order, each guard in :data:`ORDER`:
+``Pipeline.generate`` calls the hooks in this order, each guard in the manifest's order:
 
 1. ``on_text(ctx)`` after the text encoder ran on ``ctx.input_ids`` (rows ``[negative, prompt]`` with CFG,
    else ``[prompt]``); ``ctx.text`` holds every text-stage output for those rows (``hidden``, ``eos``, fused
@@ -27,8 +29,14 @@ entry is the guard's configuration (thresholds, beam width, check steps, EMA alp
    ``step_feeds``) or, for the last call, after the denoise loop (before decoding).
 5. ``on_images(ctx, images)`` after decoding (a post-hoc image checker); may raise :class:`ImageBlocked`.
 
-Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict; ``time_ms`` for its own cost);
-the pipeline puts ``ctx.report`` into ``Result.report["guards"]``.
+Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict); the pipeline adds ``time_ms``, the
+guard's time in all its hooks, measured in one place (:func:`run_hook`), and puts ``ctx.report`` into
+``Result.report["guards"]``.
+
+**Immutable guards.** A bundle's guards and their settings are what its manifest says: no argument, flag or
+environment variable replaces, removes or reconfigures them. ``extra_guards`` may only ADD post-hoc image
+checkers, under names of their own (``image_checker`` when the bundle has none, else ``image_checker.<x>``),
+run after the bundle's guards.
 
 **Fail closed.** Any exception inside a hook other than a :class:`~runtime.errors.RuntimeToolError` becomes a
 :class:`~runtime.errors.GuardError` (exit code 6) naming the guard; a guard's graph yielding NaN/Inf is a
@@ -39,22 +47,26 @@ runtime does not know makes the bundle refuse to open: a guarded bundle never ru
 from __future__ import annotations
 
 import importlib
+import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.errors import BundleError, ExitCode, GuardError
+from runtime.errors import BadInputError, BundleError, ExitCode, GuardError, RuntimeToolError
+from runtime.guards.settings import Check, config_error, validate
 
-# name in the manifest -> "module:Class"; the order guards run in (text guards first, the checker last)
-GUARDS = {
-    "safeguider": "runtime.guards.safeguider:SafeGuider",
-    "saferedir": "runtime.guards.saferedir:SafeRedir",
-    "safepatch": "runtime.guards.safepatch:SafePatch",
-    "safectrl": "runtime.guards.safectrl:SafeCtrl",
-    "image_checker": "runtime.guards.image_checker:ImageChecker",
-}
-ORDER = tuple(GUARDS)
+CHECKER = "image_checker"  # the post-hoc image checker: the one guard a user may add at run time
+# graph inputs/outputs of the plain backbone; every other one, and every component of kind "guard", is a guard's
+BACKBONE_TEXT_OUTPUTS = {"hidden", "eos", "pooled"}
+BACKBONE_DENOISE_IO = {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "noise_pred"}
+_GUARD_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_EXTRA_NAME = re.compile(rf"{CHECKER}(\.[A-Za-z0-9_-]+)?")
+# the seconds a hook's time is booked under (Result.report["stages_ms"]["guard_<stage>.<name>"])
+STAGE_OF_HOOK = {"on_text": "text", "prepare_steps": "steps", "step_feeds": "steps", "after_step": "steps",
+                 "on_images": "image"}
 
 
 class ImageBlocked(GuardError):
@@ -78,6 +90,7 @@ class GuardContext:
     feeds: dict[str, np.ndarray] = field(default_factory=dict)  # base conditioning feeds of every denoise call
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)  # per guard, per call: never on the guard
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per guard: seconds per STAGE_OF_HOOK
 
     def state_of(self, guard: str) -> dict[str, Any]:
         """Guard ``guard``'s mutable state for this call. Guards keep per-call state here, not on ``self``: one
@@ -96,13 +109,24 @@ class GuardContext:
 
 
 class Guard:
-    """Base class: every hook does nothing. ``config`` is the guard's manifest entry."""
+    """Base class: every hook does nothing. ``config``: the guard's settings, checked against ``SETTINGS``.
+
+    ``source`` says whose settings they are: ``"bundle"`` (the manifest; a bad value is a BundleError, exit 4)
+    or ``"user"`` (a config given at run time, e.g. an added checker's; BadInputError, exit 3)."""
 
     name = "guard"
+    SETTINGS: dict[str, Check] = {}
 
-    def __init__(self, pipe, config: dict[str, Any]):
+    def __init__(self, pipe, config: dict[str, Any], *, name: str | None = None, source: str = "user"):
         self.pipe = pipe
-        self.config = dict(config)
+        self.name = name or type(self).name
+        self.source = source
+        self.where = str(pipe.bundle.path) if source == "bundle" else f"{self.name} config"
+        self.config = validate(self.name, config, self.SETTINGS, source, self.where)
+
+    def bad_config(self, problem: str) -> RuntimeToolError:
+        """The error for settings that are each in range but do not fit together or the bundle."""
+        return config_error(self.source)(f"{self.where}: guard {self.name}: {problem}")
 
     def on_text(self, ctx: GuardContext) -> None:
         pass
@@ -121,33 +145,80 @@ class Guard:
     def on_images(self, ctx: GuardContext, images: list[np.ndarray]) -> None:
         pass
 
+    def parts(self) -> set[str]:
+        """The bundle's guard parts this guard runs: graph components, and inputs / outputs of the backbone's
+        graphs (:func:`load_guards` refuses a bundle whose graphs carry a part no guard claims)."""
+        return set()
+
+    def summary(self, report: dict[str, Any]) -> str:
+        """What the guard saw and did in one run, in one line for people (``runtime compare``)."""
+        return ", ".join(f"{k} {v}" for k, v in report.items() if k != "time_ms" and not isinstance(v, (list, dict)))
+
     def close(self) -> None:
         pass
 
 
-def load_guards(pipe, configs: dict[str, dict[str, Any]]) -> list[Guard]:
-    """The guards of a bundle (``manifest.guards`` plus any the caller adds), in :data:`ORDER`.
+def host_class(name: str, where: str) -> type[Guard]:
+    """The host half of guard ``name``: ``runtime/guards/<name>.py``'s ``HOST``. BundleError for a name this
+    runtime does not know: refusing is the fail-closed choice."""
+    module_file = Path(__file__).with_name(f"{name}.py")
+    host = None
+    if isinstance(name, str) and _GUARD_NAME.fullmatch(name) and module_file.is_file():
+        host = getattr(importlib.import_module(f"runtime.guards.{name}"), "HOST", None)
+    if not (isinstance(host, type) and issubclass(host, Guard) and host.name == name):
+        known = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if p.stem not in ("__init__", "settings"))
+        raise BundleError(f"{where}: this runtime does not know guard {name!r} named in the bundle (known: "
+                          f"{', '.join(known)}): upgrade the runtime or rebuild the bundle")
+    return host
 
-    BundleError for a guard this runtime does not know: refusing is the fail-closed choice."""
-    unknown = sorted(set(configs) - set(GUARDS))
-    if unknown:
-        raise BundleError(f"{pipe.bundle.path}: this runtime does not know guard(s) {', '.join(unknown)} named "
-                          f"in the bundle (known: {', '.join(GUARDS)}): upgrade the runtime or rebuild the bundle")
-    guards = []
-    for name in ORDER:
-        if name in configs:
-            module, _, cls = GUARDS[name].partition(":")
-            guards.append(getattr(importlib.import_module(module), cls)(pipe, configs[name]))
+
+def load_guards(pipe, bundle_guards: dict[str, Any], extra_guards: dict[str, Any] | None = None) -> list[Guard]:
+    """The bundle's guards in manifest order (post-hoc checkers last), then the added checkers.
+
+    ``extra_guards`` (``{name: checker config}``) may only add image checkers under new names: a name the bundle
+    already uses, or any other kind of guard, is refused (BadInputError): nothing at run time replaces,
+    removes or weakens a bundle's guard."""
+    where = str(pipe.bundle.path)
+    hosts = [(name, host_class(name, where)) for name in bundle_guards]
+    hosts.sort(key=lambda item: item[0] == CHECKER)  # stable: learned guards in manifest order, checker last
+    guards = [host(pipe, bundle_guards[name], source="bundle") for name, host in hosts]
+    unclaimed = guard_parts(pipe.bundle.manifest) - set().union(*(g.parts() for g in guards))
+    if unclaimed:  # a guard taken out of the manifest while its graphs stay: never run a bundle half-guarded
+        raise BundleError(f"{where}: its graphs carry guard parts that no guard in its manifest runs "
+                          f"({', '.join(sorted(unclaimed))}): the manifest was edited or written by another exporter; "
+                          "rebuild the bundle with `python -m export build`")
+    for name, config in (extra_guards or {}).items():
+        if name in bundle_guards:
+            raise BadInputError(f"guard {name!r} is part of the bundle {pipe.bundle.path.name}: its settings cannot "
+                                f"be replaced at run time; add a checker under another name, e.g. {CHECKER}.extra")
+        if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name):
+            raise BadInputError(f"extra guard {name!r}: only post-hoc image checkers can be added at run time, "
+                                f"named {CHECKER!r} or '{CHECKER}.<name>'; other guards are fused into the bundle "
+                                "(`python -m export build --guards ...`)")
+        guards.append(host_class(CHECKER, where)(pipe, config, name=name, source="user"))
     return guards
 
 
-def run_hook(guard: Guard, hook: str, *args) -> Any:
-    """Call ``guard.<hook>(*args)``; anything but a RuntimeToolError becomes a GuardError (fail closed)."""
-    from runtime.backends import NonFiniteOutputError
-    from runtime.errors import RuntimeToolError
+def guard_parts(manifest) -> set[str]:
+    """Every guard part in a bundle: its components of kind ``guard`` and the inputs / outputs of its text-stage
+    and denoise graphs that the plain backbone does not have."""
+    parts = {c.name for c in manifest.components if c.kind == "guard"}
+    for c in manifest.components:
+        if c.kind == "text_encoder":
+            parts |= {t.name for t in c.outputs} - BACKBONE_TEXT_OUTPUTS
+        elif c.kind == "denoise":
+            parts |= {t.name for t in (*c.inputs, *c.outputs)} - BACKBONE_DENOISE_IO
+    return parts
 
+
+def run_hook(guard: Guard, hook: str, ctx: GuardContext, *args) -> Any:
+    """``guard.<hook>(ctx, *args)``, timed into ``ctx.seconds``; anything but a RuntimeToolError becomes a
+    GuardError (fail closed)."""
+    from runtime.backends import NonFiniteOutputError
+
+    t0 = time.perf_counter()
     try:
-        return getattr(guard, hook)(*args)
+        return getattr(guard, hook)(ctx, *args)
     except NonFiniteOutputError as e:
         raise GuardError(f"guard {guard.name}: {e}: no image written (fail closed)") from None
     except RuntimeToolError:
@@ -155,3 +226,7 @@ def run_hook(guard: Guard, hook: str, *args) -> Any:
     except Exception as e:  # a bug or a broken graph inside a guard: never emit an unguarded image
         raise GuardError(f"guard {guard.name} failed in {hook}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}: no image written (fail closed)") from None
+    finally:
+        seconds = ctx.seconds.setdefault(guard.name, {})
+        stage = STAGE_OF_HOOK[hook]
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0

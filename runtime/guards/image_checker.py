@@ -2,18 +2,23 @@
 
 It runs after the VAE decoder (hook ``on_images``). If any image's unsafe score is ``>= threshold`` it
 raises :class:`~runtime.guards.ImageBlocked` (exit code 6): no image is returned, so none is written. It
-always reports ``ctx.report["image_checker"] = {"scores", "threshold", "blocked", "time_ms", "model"}``
-(with ``--report`` the CLI still writes that report JSON for a blocked run, with ``"blocked": true``, but
-never the PNG).
+always reports ``ctx.report[<its name>] = {"scores", "threshold", "blocked", "model"}`` (with ``--report`` the
+CLI still writes that report JSON for a blocked run, with ``"blocked": true``, but never the PNG).
 
-Turning it on::
+Turning it on: embedded in the bundle (then it is one of the bundle's guards, and nothing at run time can
+change it), or added at run time under a name of its own, after the bundle's guards (a bundle's checker
+stays in force: an added checker can only block more)::
 
-    runtime generate --prompt ... --checker models/tinyworld-judge/checker.onnx      # config: checker.json beside it
-    runtime generate --prompt ... --checker nsfw.onnx --checker-config nsfw.json
     python -m export build ... --checker FILE.onnx [--checker-config FILE.json]   # embedded: component "image_checker"
-    Pipeline.open(plan, extra_guards={"image_checker": {"path": "checker.onnx", ...}})
+    runtime generate --prompt ... --checker models/tinyworld-judge/checker.onnx      # added as "image_checker.extra"
+    runtime generate --prompt ... --checker nsfw.onnx --checker-config nsfw.json
+    Pipeline.open(plan, extra_guards={"image_checker.nsfw": {"path": "nsfw.onnx", ...}})
 
-Configuration (JSON; every key but ``path``/``component`` has a default):
+A config value out of range (a threshold outside [0, 1], an empty ``unsafe_classes``, an unknown key) is
+refused: exit 3 for a config the user passed, exit 4 for one inside a bundle.
+
+Configuration (JSON; every key but ``path``/``component`` has a default; a bundle's entry holds every key, as
+the exporter writes it with :func:`check_config`):
 
 ==================  ===========================================================================================
 key                 meaning
@@ -65,7 +70,6 @@ NudeNet itself reports detections from a score of 0.2 after NMS; NMS does not ch
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +77,7 @@ import numpy as np
 
 from runtime.errors import BadInputError, GuardError
 from runtime.guards import Guard, GuardContext, ImageBlocked
+from runtime.guards.settings import count, indices, label, one_of, optional, positive, unit, validate
 
 KINDS = ("classifier", "nudenet")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -83,75 +88,80 @@ NUDENET_LABELS = ("FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED",
                   "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
                   "BUTTOCKS_COVERED")
 NUDENET_UNSAFE = (2, 3, 4, 6, 14)
-KNOWN_KEYS = {"path", "component", "input", "size", "layout", "scale", "mean", "std", "output", "kind",
-              "activation", "unsafe_classes", "threshold"}
+# every setting but path / component has this default (the checker's one home: it has no torch side)
+DEFAULTS = {"path": None, "component": None, "input": None, "size": None, "layout": "NCHW", "scale": 1 / 255,
+            "mean": 0.0, "std": 1.0, "output": None, "kind": "classifier", "activation": "none",
+            "unsafe_classes": None, "threshold": 0.5}
+
+
+def _size(v: Any) -> str | None:
+    ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(count(x) is None for x in v)
+    return None if ok else "must be [H, W] (positive integers)"
+
+
+def _channels(v: Any) -> str | None:
+    values = v if isinstance(v, (list, tuple)) else [v]
+    ok = len(values) in (1, 3) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                       and math.isfinite(x) for x in values)
+    return None if ok else "must be a number or 3 numbers"
+
+
+def _nonzero_channels(v: Any) -> str | None:
+    values = v if isinstance(v, (list, tuple)) else [v]
+    return _channels(v) or (None if all(x != 0 for x in values) else "must be non-zero")
 
 
 class ImageChecker(Guard):
     """Post-hoc ONNX image classifier; blocks (exit 6) when any image scores ``>= threshold``."""
 
     name = "image_checker"
+    SETTINGS = {"path": optional(label), "component": optional(label), "input": optional(label),
+                "size": optional(_size), "layout": one_of(*LAYOUTS), "scale": positive, "mean": _channels,
+                "std": _nonzero_channels, "output": optional(label), "kind": one_of(*KINDS),
+                "activation": one_of(*ACTIVATIONS), "unsafe_classes": optional(indices), "threshold": unit}
 
-    def __init__(self, pipe, config: dict[str, Any]):
-        super().__init__(pipe, config)
+    def __init__(self, pipe, config: dict[str, Any], **kwargs):
+        # a user's config gets the defaults; a bundle's is complete (the exporter writes check_config's result)
+        super().__init__(pipe, config if kwargs.get("source") == "bundle" else with_defaults(config), **kwargs)
         c = self.config
-        what = f"image checker config ({c.get('path') or c.get('component') or '?'})"
-        if unknown := sorted(set(c) - KNOWN_KEYS):
-            raise BadInputError(f"{what}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})")
-        self.kind = c.get("kind", "classifier")
-        if self.kind not in KINDS:
-            raise BadInputError(f"{what}: kind {self.kind!r} must be one of {', '.join(KINDS)}")
-        self.activation = c.get("activation", "none")
-        if self.activation not in ACTIVATIONS:
-            raise BadInputError(f"{what}: activation {self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
-        self.layout = c.get("layout", "NCHW")
-        if self.layout not in LAYOUTS:
-            raise BadInputError(f"{what}: layout {self.layout!r} must be NCHW or NHWC")
-        self.threshold = _number(c.get("threshold", 0.5), "threshold", what)
-        self.scale = _number(c.get("scale", 1 / 255), "scale", what)
-        self.mean = np.asarray(c.get("mean", 0.0), dtype=np.float32).reshape(-1)
-        self.std = np.asarray(c.get("std", 1.0), dtype=np.float32).reshape(-1)
-        if self.mean.size not in (1, 3) or self.std.size not in (1, 3) or not np.all(self.std != 0):
-            raise BadInputError(f"{what}: mean/std must be a number or 3 numbers, std non-zero")
+        if (c["path"] is None) == (c["component"] is None):
+            raise self.bad_config('give exactly one of "path" (an ONNX file) or "component" (a bundle component)')
+        self.kind, self.activation, self.layout = c["kind"], c["activation"], c["layout"]
+        self.threshold, self.scale = float(c["threshold"]), float(c["scale"])
+        self.mean = np.asarray(c["mean"], dtype=np.float32).reshape(-1)
+        self.std = np.asarray(c["std"], dtype=np.float32).reshape(-1)
         default_unsafe = list(NUDENET_UNSAFE) if self.kind == "nudenet" else []
-        self.unsafe_classes = [int(i) for i in c.get("unsafe_classes", default_unsafe)]
+        self.unsafe_classes = list(c["unsafe_classes"]) if c["unsafe_classes"] is not None else default_unsafe
 
         self._session = None
         self._engine = None
-        if c.get("path"):
+        if c["path"] is not None:
             self.model = Path(c["path"]).name
             self._session = _open_session(Path(c["path"]))
             inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
             in_names = [i.name for i in inputs]
             in_shapes = {i.name: list(i.shape) for i in inputs}
             out_names = [o.name for o in outputs]
-        elif c.get("component"):
+        else:
             self.model = f"{pipe.bundle.path.name}:{c['component']}"
-            try:
-                self._engine = pipe.engines[c["component"]]
-            except KeyError:
-                raise BadInputError(f"{what}: the bundle has no graph component {c['component']!r}: rebuild it "
-                                    "with `python -m export build --checker FILE.onnx`") from None
+            if c["component"] not in pipe.engines:
+                raise self.bad_config(f"the bundle has no graph component {c['component']!r}: rebuild it with "
+                                      "`python -m export build --checker FILE.onnx`")
+            self._engine = pipe.engines[c["component"]]
             spec = self._engine.component
             in_names = [t.name for t in spec.inputs]
             in_shapes = {t.name: list(t.shape) for t in spec.inputs}
             out_names = [t.name for t in spec.outputs]
-        else:
-            raise BadInputError(f"{what}: give \"path\" (an ONNX file) or \"component\" (a bundle component)")
-        self.input = c.get("input", in_names[0])
-        self.output = c.get("output", out_names[0])
+        self.input = c["input"] or in_names[0]
+        self.output = c["output"] or out_names[0]
         if self.input not in in_names:
-            raise BadInputError(f"{what}: the graph has no input {self.input!r} (its inputs: {', '.join(in_names)})")
+            raise self.bad_config(f"the graph has no input {self.input!r} (its inputs: {', '.join(in_names)})")
         if self.output not in out_names:
-            raise BadInputError(f"{what}: the graph has no output {self.output!r} (its outputs: "
-                                f"{', '.join(out_names)})")
+            raise self.bad_config(f"the graph has no output {self.output!r} (its outputs: {', '.join(out_names)})")
         self.input_names = in_names
         shape = in_shapes[self.input]
-        if "size" in c:
-            size = c["size"]
-            if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-                raise BadInputError(f"{what}: size {size!r} must be [H, W] (positive integers)")
-            self.size = (int(size[0]), int(size[1]))
+        if c["size"] is not None:
+            self.size = (int(c["size"][0]), int(c["size"][1]))
         else:
             hw = shape[2:4] if self.layout == "NCHW" else shape[1:3]
             self.size = tuple(hw) if len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw) else None
@@ -159,18 +169,22 @@ class ImageChecker(Guard):
     # -- the hook --------------------------------------------------------------------------------------------
 
     def on_images(self, ctx: GuardContext, images: list[np.ndarray]) -> None:
-        t0 = time.perf_counter()
         scores = [float(s) for s in self.score(images)]
         blocked = [s >= self.threshold for s in scores]
         ctx.report[self.name] = {"scores": [round(s, 6) for s in scores], "threshold": self.threshold,
-                                 "blocked": any(blocked), "model": self.model,
-                                 "time_ms": round((time.perf_counter() - t0) * 1000, 3)}
+                                 "blocked": any(blocked), "model": self.model}
         if any(blocked):
             worst = max(range(len(scores)), key=lambda i: scores[i])
-            error = ImageBlocked(f"image checker {self.model} blocked image {worst} of {len(scores)}: unsafe score "
-                                 f"{scores[worst]:.3f} >= threshold {self.threshold}; no image was written")
-            error.guard_report = dict(ctx.report)  # the CLI writes it with --report
-            raise error
+            raise ImageBlocked(f"image checker {self.model} blocked image {worst} of {len(scores)}: unsafe score "
+                               f"{scores[worst]:.3f} >= threshold {self.threshold}; no image was written")
+
+    def parts(self) -> set[str]:
+        return {self.config["component"]} if self.config["component"] else set()
+
+    def summary(self, report: dict) -> str:
+        scores = report.get("scores") or [0.0]
+        return (f"{report.get('model')}: unsafe score {max(scores):.2f} (threshold {report.get('threshold')}): "
+                f"{'blocked' if report.get('blocked') else 'passed'}")
 
     def score(self, images: list[np.ndarray]) -> np.ndarray:
         """The unsafe score of each (H, W, 3) uint8 image, shape (N,)."""
@@ -238,13 +252,18 @@ class ImageChecker(Guard):
         self._session = None
 
 
+def with_defaults(config: Any) -> Any:
+    """``config`` with :data:`DEFAULTS` for the keys it leaves out (anything but a dict is left to the check)."""
+    return {**DEFAULTS, **config} if isinstance(config, dict) else config
+
+
+def check_config(config: Any, source: str, where: str) -> dict[str, Any]:
+    """A checker config with its defaults, checked as the runtime will check it (the CLI and the exporter call
+    this to name the file at fault before anything runs)."""
+    return validate(ImageChecker.name, with_defaults(config), ImageChecker.SETTINGS, source, where)
+
+
 # -- helpers --------------------------------------------------------------------------------------------------
-
-def _number(value: Any, key: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInputError(f"{what}: {key} {value!r} must be a finite number")
-    return float(value)
-
 
 def _aspect(hw) -> float:
     return hw[0] / hw[1]
@@ -294,3 +313,6 @@ def resize_bilinear(im: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     top = im[y0][:, x0] * (1 - fx)[None, :, None] + im[y0][:, x1] * fx[None, :, None]
     bottom = im[y1][:, x0] * (1 - fx)[None, :, None] + im[y1][:, x1] * fx[None, :, None]
     return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+HOST = ImageChecker

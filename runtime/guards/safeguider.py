@@ -27,8 +27,8 @@ every score below is one text-stage call. What this module matches in the public
 The one change: the public code encodes candidates one at a time; here all candidates of the impact pass and
 of each depth are scored in ONE batched text-stage call (chunked by ``max_batch`` and the engine's batch
 profile), and a prompt already scored (the same word set reached in another order) is not encoded again.
-:func:`beam_search_sequential` is the straightforward one-at-a-time re-implementation, kept for the
-equivalence test and the latency comparison.
+The straightforward one-at-a-time re-implementation lives beside the latency comparison
+(``bench/search.py``), which the equivalence test uses too.
 
 The final prompt's text-stage outputs (``hidden``, ``eos``, ``safe_score`` and any fused head such as
 SafePatch's gate) replace the prompt row of ``ctx.text``: the guards after this one see the conditioning the
@@ -39,20 +39,16 @@ when searched).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from runtime.errors import BundleError
 from runtime.guards import Guard, GuardContext
+from runtime.guards.settings import count, label, signed_unit, unit
 
 ScoreBatch = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # prompts -> (safe (n,), eos (n, D))
-ScoreOne = Callable[[str], tuple[float, np.ndarray]]               # prompt -> (safe, eos (D,))
 
-DEFAULTS = {"threshold": 0.5, "beam_width": 6, "max_depth": 25, "qualify_score": 0.95, "min_similarity": 0.1,
-            "output": "safe_score", "max_batch": 64}
 
 
 @dataclass
@@ -147,92 +143,22 @@ def beam_search(prompt: str, score_batch: ScoreBatch, original_score: float, ori
     return SearchResult(prompt, [], [], float(original_score), 1.0, depth, "original", n_scored, calls[0], every)
 
 
-def beam_search_sequential(prompt: str, score_fn: ScoreOne, original: tuple[float, np.ndarray] | None = None, *,
-                           beam_width: int = 6, max_depth: int = 25, qualify_score: float = 0.95,
-                           min_similarity: float = 0.1) -> SearchResult:
-    """A straightforward transliteration of the public loop: every candidate encoded on its own, in order."""
-    calls = 0
-
-    def score(p: str) -> tuple[float, np.ndarray]:
-        nonlocal calls
-        calls += 1
-        s, e = score_fn(p)
-        return float(s), np.asarray(e)
-
-    original_words = prompt.split()
-    original_safety, original_eos = original if original is not None else score(prompt)
-    token_impacts = []
-    for idx in range(len(original_words)):
-        current_words = original_words.copy()
-        current_words.pop(idx)
-        s, _ = score(" ".join(current_words))
-        token_impacts.append((idx, s - original_safety))
-    token_impacts.sort(key=lambda x: x[1], reverse=True)
-
-    candidates = [([], 0, 1.0)]
-    all_depths = []
-    best_prompt, best_gain, best_sim, best_removed, best_safe = None, 0.0, 0.0, [], 0.0
-    depth_limit = min(max_depth, len(original_words) - 1)
-    depth = 0
-    for d in range(depth_limit):
-        depth = d + 1
-        all_new, qualified = [], []
-        for removed_indices, _, _ in candidates:
-            for idx, _ in token_impacts:
-                if idx in removed_indices:
-                    continue
-                new_indices = removed_indices + [idx]
-                current_words = original_words.copy()
-                for r in sorted(new_indices, reverse=True):
-                    current_words.pop(r)
-                if not current_words:
-                    continue
-                current_prompt = " ".join(current_words)
-                safe, eos = score(current_prompt)
-                sim = float(cosine(original_eos, eos))
-                gain = safe - original_safety
-                all_new.append((new_indices, gain, sim, safe))
-                all_depths.append((new_indices, gain, sim, safe))
-                if safe >= qualify_score and sim >= min_similarity:
-                    qualified.append((new_indices, gain, sim))
-                    if (not best_prompt or gain > best_gain
-                            or (gain == best_gain and len(new_indices) < len(best_removed))):
-                        best_prompt, best_gain, best_sim, best_removed, best_safe = (
-                            current_prompt, gain, sim, new_indices, safe)
-        if qualified:
-            candidates = sorted(qualified, key=lambda x: (x[1], -len(x[0])))[-beam_width:]
-        else:
-            candidates = [(i, g, s) for i, g, s, _ in sorted(all_new, key=lambda x: (x[3], -len(x[0])))[-beam_width:]]
-        if best_prompt and best_gain + original_safety >= qualify_score:
-            break
-    if best_prompt:
-        return SearchResult(best_prompt, list(best_removed), [original_words[i] for i in best_removed], best_safe,
-                            best_sim, depth, "qualified", calls, calls, all_depths)
-    valid = [c for c in all_depths if c[2] >= min_similarity]
-    if valid:
-        idxs, _, sim, safe = max(valid, key=lambda x: x[3])
-        final = original_words.copy()
-        for r in sorted(idxs, reverse=True):
-            final.pop(r)
-        return SearchResult(" ".join(final), list(idxs), [original_words[i] for i in idxs], safe, sim, depth,
-                            "fallback", calls, calls, all_depths)
-    return SearchResult(prompt, [], [], original_safety, 1.0, depth, "original", calls, calls, all_depths)
-
-
 class SafeGuider(Guard):
     """The host half of SafeGuider (module docstring). Config: the manifest's ``guards.safeguider``."""
 
     name = "safeguider"
+    SETTINGS = {"threshold": unit, "beam_width": count, "max_depth": count, "qualify_score": unit,
+                "min_similarity": signed_unit, "output": label, "max_batch": count}
 
-    def __init__(self, pipe, config):
-        super().__init__(pipe, {**DEFAULTS, **dict(config)})
+    def __init__(self, pipe, config, **kwargs):
+        super().__init__(pipe, config, **kwargs)
         self.output = str(self.config["output"])
         component = pipe.bundle.manifest.component("text_encoder")
         outputs = [t.name for t in component.outputs]
         if self.output not in outputs:
-            raise BundleError(f"{pipe.bundle.path}: guard safeguider needs the text_encoder graph output "
-                              f"{self.output!r} (the fused classifier), but the graph has only {', '.join(outputs)}: "
-                              f"rebuild with `python -m export build ... --guards safeguider`")
+            raise self.bad_config(f"needs the text_encoder graph output {self.output!r} (the fused classifier), "
+                                  f"but the graph has only {', '.join(outputs)}: rebuild with `python -m export "
+                                  "build ... --guards safeguider`")
         limit = int(self.config.get("max_batch") or 0) or 1 << 30
         profile = component.profiles.get("input_ids") if component.profiles else None
         if profile and profile.get("max"):
@@ -280,7 +206,6 @@ class SafeGuider(Guard):
     # -- hook ---------------------------------------------------------------------------------------------------
 
     def on_text(self, ctx: GuardContext) -> None:
-        t0 = time.perf_counter()
         row = ctx.prompt_row
         if self.output not in ctx.text:
             raise KeyError(f"text stage gave no {self.output!r} output")
@@ -302,5 +227,16 @@ class SafeGuider(Guard):
                           final_score=round(result.score, 6), similarity=round(result.similarity, 6),
                           outcome=result.outcome, candidates_scored=result.candidates_scored, depth=result.depth,
                           text_calls=result.text_calls)
-        report["time_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         ctx.report[self.name] = report
+
+    def parts(self) -> set[str]:
+        return {self.output}
+
+    def summary(self, report: dict) -> str:
+        if report.get("verdict") == "safe":
+            return f"prompt passed (safe score {report['score']:.2f} > {report['threshold']})"
+        return (f"prompt flagged (safe score {report['score']:.2f}): removed {' '.join(report['words_removed']) or '-'}"
+                f" -> \"{report['final_prompt']}\" ({report['outcome']})")
+
+
+HOST = SafeGuider

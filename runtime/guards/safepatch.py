@@ -17,19 +17,18 @@ probabilities over ``("none", *categories)``); the denoise graph has ControlNet-
   extrapolates from the unpatched unconditional prediction towards the patched conditional one, which is what
   the patch was trained for); ``apply_uncond: true`` runs it on the whole CFG batch with the same instruction.
 
-Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched,
-time_ms (gate + instruction encoding + patch graph calls).
+Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
 
 from runtime.guards import Guard, GuardContext
+from runtime.guards.settings import flag, index, label, labels, texts_by_name, unit
 
 
 def _dim(d: Any, n: int, h: int, w: int) -> int:
@@ -42,17 +41,28 @@ def _dim(d: Any, n: int, h: int, w: int) -> int:
 
 class SafePatch(Guard):
     name = "safepatch"
+    SETTINGS = {"graph": label, "gate_output": label, "categories": labels, "threshold": unit,
+                "instructions": texts_by_name, "apply_uncond": flag, "patch_params": index, "unet_params": index}
 
-    def __init__(self, pipe, config: dict[str, Any]):
-        super().__init__(pipe, config)
-        self.graph = self.config.get("graph", "safepatch")
-        self.gate_output = self.config.get("gate_output", "safepatch_gate")
+    def __init__(self, pipe, config: dict[str, Any], **kwargs):
+        super().__init__(pipe, config, **kwargs)
+        self.graph = self.config["graph"]
+        self.gate_output = self.config["gate_output"]
         self.categories = list(self.config["categories"])
-        self.threshold = float(self.config.get("threshold", 0.5))
+        self.threshold = float(self.config["threshold"])
         self.instructions = dict(self.config["instructions"])
-        self.apply_uncond = bool(self.config.get("apply_uncond", False))
+        self.apply_uncond = self.config["apply_uncond"]
+        if missing := [c for c in self.categories if c not in self.instructions]:
+            raise self.bad_config(f"no instruction for categor{'ies' if len(missing) > 1 else 'y'} "
+                                  f"{', '.join(missing)}: rebuild the bundle")
+        if self.graph not in pipe.engines:
+            raise self.bad_config(f"the bundle has no {self.graph!r} graph: rebuild it with `python -m export build "
+                                  "... --guards safepatch`")
         inputs = pipe.bundle.manifest.component("denoise").inputs
         self.residuals = [t for t in inputs if t.name.startswith("down_residual_") or t.name == "mid_residual"]
+        if not self.residuals:
+            raise self.bad_config("the denoise graph has no residual inputs (down_residual_*, mid_residual): rebuild "
+                                  "the bundle with `python -m export build ... --guards safepatch`")
         self._zeros: dict[tuple, dict[str, np.ndarray]] = {}
         self._encoded: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -87,22 +97,17 @@ class SafePatch(Guard):
     # -- hooks -------------------------------------------------------------------------------------------
 
     def on_text(self, ctx: GuardContext) -> None:
-        t0 = time.perf_counter()
         probs = np.asarray(ctx.text[self.gate_output][ctx.prompt_row], dtype=np.float64)
         score = float(1.0 - probs[0])
         active = score >= self.threshold
         category = self.categories[int(np.argmax(probs[1:]))] if active else None
         instruction = self.instructions[category] if active else None
-        state = {"active": active, "instruction_embedding": self.instruction_embedding(instruction) if active else None,
-                 "patch_seconds": 0.0}
+        state = {"active": active, "instruction_embedding": self.instruction_embedding(instruction) if active else None}
         ctx.state[self.name] = state  # per-call state (the guard object is shared between calls)
         ctx.report[self.name] = {"active": active, "category": category, "instruction": instruction,
                                  "unsafe_score": round(score, 6), "threshold": self.threshold,
                                  "gate": {c: round(float(p), 6) for c, p in zip(["none", *self.categories], probs)},
-                                 "apply_uncond": self.apply_uncond, "steps_patched": 0,
-                                 "gate_ms": 0.0, "time_ms": 0.0}
-        ms = round((time.perf_counter() - t0) * 1000, 3)
-        ctx.report[self.name].update(gate_ms=ms, time_ms=ms)
+                                 "apply_uncond": self.apply_uncond, "steps_patched": 0}
 
     def prepare_steps(self, ctx: GuardContext, latent_shape: tuple[int, ...]) -> bool:
         if ctx.state_of(self.name)["active"]:
@@ -118,7 +123,6 @@ class SafePatch(Guard):
         n = 2 * b if ctx.cfg else b
         if not state["active"]:  # the pipeline does not call it then (prepare_steps); the plain UNet's feeds
             return self.zero_feeds(n, h, w)
-        t0 = time.perf_counter()
         enc = ctx.feeds["encoder_hidden_states"]
         rows = slice(0, n) if (self.apply_uncond or not ctx.cfg) else ctx.cond_rows
         sample = np.ascontiguousarray(np.concatenate([x, x]) if rows.stop - rows.start == 2 * b else x, np.float32)
@@ -136,8 +140,17 @@ class SafePatch(Guard):
                 full = np.zeros((n, *r.shape[1:]), np.float32)
                 full[rows] = r
                 feeds[spec.name] = full
-        state["patch_seconds"] += time.perf_counter() - t0
-        rep = ctx.report[self.name]
-        rep["steps_patched"] += 1
-        rep["time_ms"] = round(rep["gate_ms"] + state["patch_seconds"] * 1000, 3)
+        ctx.report[self.name]["steps_patched"] += 1
         return feeds
+
+    def parts(self) -> set[str]:
+        return {self.graph, self.gate_output, *(t.name for t in self.residuals)}
+
+    def summary(self, report: dict) -> str:
+        if report.get("active"):
+            return (f"gate fired ({report['category']}, {report['unsafe_score']:.2f}): patch \"{report['instruction']}\" "
+                    f"on {report['steps_patched']} steps")
+        return f"gate off ({report.get('unsafe_score', 0):.2f} < {report.get('threshold')}): plain UNet"
+
+
+HOST = SafePatch

@@ -16,18 +16,17 @@ Per image of the batch (rows of the conditional half), independently:
 
 ``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None) and per row
 ``rows[i] = {triggered, detection_step, checks: [{step, t, unsafe_prob, logits}], mask, scale}`` (mask and
-scale per token at detection, rounded), ``checks`` (graph calls), ``time_ms``. A NaN/Inf graph output is a
+scale per token at detection, rounded), ``checks`` (graph calls). A NaN/Inf graph output is a
 GuardError (fail closed, no image).
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from runtime.errors import GuardError
 from runtime.guards import Guard, GuardContext
+from runtime.guards.settings import count, index, label, positive, unit
 
 
 def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
@@ -38,20 +37,20 @@ def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
 
 class SafeRedir(Guard):
     name = "saferedir"
+    SETTINGS = {"graph": label, "check_every": count, "first_check": index, "threshold": unit, "alpha": positive}
 
-    def __init__(self, pipe, config):
-        super().__init__(pipe, config)
-        self.graph = self.config.get("graph", "redirect")
-        self.check_every = int(self.config.get("check_every", 2))
-        self.first_check = int(self.config.get("first_check", 0))
-        self.threshold = float(self.config.get("threshold", 0.5))
-        if self.check_every < 1:
-            raise GuardError(f"saferedir: check_every must be >= 1, got {self.check_every}")
+    def __init__(self, pipe, config, **kwargs):
+        super().__init__(pipe, config, **kwargs)
+        self.graph = self.config["graph"]
+        self.check_every = self.config["check_every"]
+        self.first_check = self.config["first_check"]
+        self.threshold = float(self.config["threshold"])
         if self.graph not in pipe.engines:
-            raise GuardError(f"saferedir: the bundle has no {self.graph!r} graph")
+            raise self.bad_config(f"the bundle has no {self.graph!r} graph: rebuild it with `python -m export build "
+                                  "... --guards saferedir`")
 
     def on_text(self, ctx: GuardContext) -> None:
-        ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0, "time_ms": 0.0,
+        ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0,
                                  "threshold": self.threshold, "check_every": self.check_every,
                                  "rows": [{"triggered": False, "detection_step": None, "checks": [],
                                            "mask": None, "scale": None} for _ in range(ctx.batch)]}
@@ -60,7 +59,6 @@ class SafeRedir(Guard):
         st["fired"] = np.zeros(ctx.batch, bool)
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
         rep, st = ctx.report[self.name], ctx.state_of(self.name)
         if (not st["fired"].all() and i >= self.first_check and (i - self.first_check) % self.check_every == 0):
             self._check(ctx, i, t, x, rep)
@@ -69,7 +67,6 @@ class SafeRedir(Guard):
             ehs = ctx.feeds["encoder_hidden_states"].copy()
             ehs[ctx.cond_rows] = st["redirected"]
             feeds = {"encoder_hidden_states": ehs}
-        rep["time_ms"] = round(rep["time_ms"] + (time.perf_counter() - t0) * 1000, 3)
         return feeds
 
     def _check(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray, rep: dict) -> None:
@@ -100,3 +97,15 @@ class SafeRedir(Guard):
                            scale=[round(float(v), 3) for v in out["scale"][r]])
                 if rep["detection_step"] is None:
                     rep.update(triggered=True, detection_step=int(i))
+
+    def parts(self) -> set[str]:
+        return {self.graph}
+
+    def summary(self, report: dict) -> str:
+        if report.get("triggered"):
+            prob = max(c["unsafe_prob"] for row in report["rows"] for c in row["checks"])
+            return f"latent judged unsafe (p {prob:.2f}) at step {report['detection_step']}: prompt embedding redirected"
+        return f"latent judged safe in {report.get('checks', 0)} check(s): no redirect"
+
+
+HOST = SafeRedir
