@@ -4,9 +4,11 @@
         [--prompt-set benign|unsafe] [--runs N] [--warmup K] [--quick] --out bench/results/latency.json
 
     python -m bench safety --engine engines/tinyworld_safeguider.plan [--baseline engines/tinyworld.plan] \
-        [--quick] [--attack-budget N] [--prompts CSV --judge nudenet|none] --out bench/results/safety.json
+        [--quick] [--split dev|test] [--attack-budget N] [--prompts CSV --judge nudenet|none] \
+        --out bench/results/safety.json
     python -m bench safeguider-search --engine engines/tinyworld_safeguider.plan --out bench/results/search.json
     python -m bench compare       # the README's guard table + chart from the recorded results
+    python -m bench compare --before bench/results/before_dev_test   # old vs new results, per guard
 """
 
 from __future__ import annotations

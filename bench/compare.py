@@ -2,8 +2,16 @@
 
 Reads ``bench/results/safety_tinyworld_<name>.json`` (the full run, else ``..._quick.json``) and
 ``bench/results/latency_tinyworld_<bundle>_{benign,unsafe}.json`` for the unguarded bundle, each guard, the two text
-guards together and the four-guard stack; writes ``--out`` (markdown) and ``<out>.png`` (unsafe rates per group
-and end-to-end overhead per bundle). Nothing is measured here: run ``bench safety`` / ``bench latency`` first.
+guards together and the four-guard stack; writes ``--out`` (markdown: a note naming the split and counting rule,
+then the table, with the blocked and errored images of each row) and ``<out>.png`` (unsafe rates per group and
+end-to-end overhead per bundle). Nothing is measured here: run ``bench safety`` / ``bench latency`` first.
+
+One table holds one protocol: results of different splits (dev / test / the old whole eval split) or counting
+rules (any unsafe kind / own category, see :func:`bench.safety.protocol`) are refused, naming the files.
+
+``--before DIR`` prints, and writes nothing, an old-vs-new table: per guard row the unsafe rates, faithfulness
+and attack success of DIR's results (e.g. ``bench/results/before_dev_test``: eval split, own-category counting)
+next to ``--results``'s (test split, any-unsafe counting), each side's protocol in the header.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import io
 import json
 from pathlib import Path
 
+from bench.safety import count_cell, counting_words, protocol
 from runtime.bundle import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -24,6 +33,10 @@ GROUPS = (("explicit", "unsafe_rate_explicit"), ("held-out", "unsafe_rate_heldou
           ("implicit", "unsafe_rate_implicit"))
 
 
+class MixedResults(ValueError):
+    """Results of more than one split or counting rule in one table."""
+
+
 def load(results: Path) -> list[dict]:
     rows = []
     for label, safety, latency in ROWS:
@@ -31,7 +44,8 @@ def load(results: Path) -> list[dict]:
         path = full if full.is_file() else quick
         if not path.is_file():
             continue
-        row = {"label": label, "run": "full" if path == full else "quick", **json.loads(path.read_text())}
+        row = {"label": label, "run": "full" if path == full else "quick", "path": path.name,
+               **json.loads(path.read_text())}
         for prompts in ("benign", "unsafe"):
             lat = results / f"latency_tinyworld_{latency}_{prompts}.json"
             measured = json.loads(lat.read_text()) if latency is not None and lat.is_file() else {}
@@ -41,24 +55,68 @@ def load(results: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    def pct(x):
-        return f"{100 * x:.1f}%"
+def one_protocol(rows: list[dict]) -> tuple[str, str]:
+    """The (split, counting) all ``rows`` share; :class:`MixedResults` naming each file's when they differ."""
+    seen = {protocol(r) for r in rows}
+    if len(seen) > 1:
+        files = "; ".join(f"{r['path']}: {' split, '.join(protocol(r))} counting" for r in rows)
+        raise MixedResults(f"results of different splits or counting rules cannot share one table ({files}): "
+                           "re-run the odd ones with `python -m bench safety` or move them to another folder")
+    return seen.pop()
 
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(rows: list[dict]) -> str:
     def ratio(x):
         return "-" if x is None else f"{x:.3f}"
 
-    lines = ["| guards | run | unsafe explicit | held-out | implicit | benign accuracy | identical | feature dist. | "
-             "faithfulness | ASR (budget) | overhead benign | overhead unsafe | per step benign / unsafe |",
-             "|---" * 13 + "|"]
+    split, counting = one_protocol(rows)
+    lines = [f"Guards on the tinyworld {split} split; {counting_words(counting)}; blocked = images a guard refused "
+             "(safe), errors = images a guard failed on (attack queries in parentheses).", "",
+             "| guards | run | unsafe explicit | held-out | implicit | benign accuracy | identical | feature dist. | "
+             "faithfulness | ASR (budget) | blocked | errors | overhead benign | overhead unsafe | "
+             "per step benign / unsafe |",
+             "|---" * 15 + "|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['run']}, {r['images']} img | {pct(r['unsafe_rate_explicit'])} | "
-                     f"{pct(r['unsafe_rate_heldout'])} | {pct(r['unsafe_rate_implicit'])} | "
-                     f"{pct(r['benign_attribute_accuracy'])} | {pct(r['benign_identical_share'])} | "
-                     f"{r.get('benign_feature_distance', 0.0):.3f} | {pct(r['unsafe_faithfulness'])} | "
-                     f"{pct(r['attack_success_rate'])} ({r['attack_budget']}) | {ratio(r['overhead_benign'])} | "
-                     f"{ratio(r['overhead_unsafe'])} | {ratio(r['step_overhead_benign'])} / "
-                     f"{ratio(r['step_overhead_unsafe'])} |")
+        fd = r.get("benign_feature_distance", 0.0)
+        lines.append(f"| {r['label']} | {r['run']}, {protocol(r)[0]}, {r['images']} img | "
+                     f"{_pct(r['unsafe_rate_explicit'])} | {_pct(r['unsafe_rate_heldout'])} | "
+                     f"{_pct(r['unsafe_rate_implicit'])} | {_pct(r['benign_attribute_accuracy'])} | "
+                     f"{_pct(r['benign_identical_share'])} | {'-' if fd is None else f'{fd:.3f}'} | "
+                     f"{_pct(r['unsafe_faithfulness'])} | {_pct(r['attack_success_rate'])} ({r['attack_budget']}) | "
+                     f"{count_cell(r.get('blocked'))} | {count_cell(r.get('errors'))} | "
+                     f"{ratio(r['overhead_benign'])} | {ratio(r['overhead_unsafe'])} | "
+                     f"{ratio(r['step_overhead_benign'])} / {ratio(r['step_overhead_unsafe'])} |")
+    return "\n".join(lines) + "\n"
+
+
+BEFORE_COLUMNS = (("unsafe explicit", "unsafe_rate_explicit"), ("held-out", "unsafe_rate_heldout"),
+                  ("implicit", "unsafe_rate_implicit"), ("faithfulness", "unsafe_faithfulness"),
+                  ("ASR", "attack_success_rate"))
+
+
+def before_after(old: list[dict], new: list[dict], old_dir: Path, new_dir: Path) -> str:
+    """Per guard row, ``old`` and ``new`` results side by side (``old -> new``; ``-`` where a side has none)."""
+    def side(rows, folder):
+        if not rows:
+            return f"none in {folder}"
+        split, counting = one_protocol(rows)
+        return f"{split} split, {counting_words(counting)} ({folder})"
+
+    by_label = [({r["label"]: r for r in old}.get(label), {r["label"]: r for r in new}.get(label))
+                for label, _, _ in ROWS]
+    lines = [f"Old: {side(old, old_dir)}. New: {side(new, new_dir)}. Cells: old -> new.", "",
+             "| guards | images | " + " | ".join(c for c, _ in BEFORE_COLUMNS) + " |",
+             "|---" * (2 + len(BEFORE_COLUMNS)) + "|"]
+    for (label, _, _), (a, b) in zip(ROWS, by_label):
+        if a is None and b is None:
+            continue
+        cells = [f"{_pct(a and a[k])} -> {_pct(b and b[k])}" for _, k in BEFORE_COLUMNS]
+        lines.append(f"| {label} | {a['images'] if a else '-'} -> {b['images'] if b else '-'} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +135,8 @@ def plot(rows: list[dict]) -> bytes:
     ax1.axhline(5, color="grey", ls="--", lw=0.8)
     ax1.axhline(10, color="grey", ls=":", lw=0.8)
     ax1.set_ylabel("unsafe images, %")
-    ax1.set_title("unsafe rate per prompt group (bars at 5% and 10%)")
+    split, counting = protocol(rows[0])
+    ax1.set_title(f"unsafe rate per prompt group, {split} split, {counting} (bars at 5% and 10%)", fontsize=9)
     ax1.legend()
     for k, prompts in enumerate(("benign", "unsafe")):
         xs = [i + (k - 0.5) * 0.4 for i in range(len(rows))]
@@ -98,11 +157,23 @@ def plot(rows: list[dict]) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = load(Path(args.results))
-    if not rows:
-        print(f"error: no safety results in {args.results}: run `python -m bench safety` first")
+    results = Path(args.results)
+    rows = load(results)
+    try:
+        if args.before:
+            old = load(Path(args.before))
+            if not old:
+                print(f"error: no safety results in {args.before}: pass the folder the old results were moved to")
+                return 3
+            print(before_after(old, rows, Path(args.before), results), end="")
+            return 0
+        if not rows:
+            print(f"error: no safety results in {args.results}: run `python -m bench safety` first")
+            return 3
+        table = markdown(rows)
+    except MixedResults as e:
+        print(f"error: {e}")
         return 3
-    table = markdown(rows)
     out = Path(args.out)
     for path, data in ((out, table.encode()), (Path(f"{out}.png"), plot(rows))):
         with atomic_write(path) as f:
@@ -116,4 +187,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(RESULTS), help="folder of safety/latency JSONs (default: bench/results)")
     p.add_argument("--out", default=str(RESULTS / "guards_tinyworld.md"), help="markdown table; <out>.png beside it")
+    p.add_argument("--before", help="folder of earlier safety results (e.g. bench/results/before_dev_test): print "
+                                    "old vs new per guard row instead of writing the table")
     p.set_defaults(func=run)

@@ -7,8 +7,8 @@ import pytest
 
 from train.tinyworld import world
 from train.tinyworld.render import render
-from train.tinyworld.world import (CATEGORIES, HELDOUT_SYNONYMS, KINDS, Obj, Scene, evaluation_prompts,
-                                   sample_scene, sample_split, split_of)
+from train.tinyworld.world import (CATEGORIES, HELDOUT_SYNONYMS, KINDS, Obj, Scene, eval_subset_of,
+                                   evaluation_prompts, sample_scene, sample_split, split_of)
 
 
 def test_vocabulary_meets_the_spec():
@@ -96,6 +96,32 @@ def test_evaluation_prompts_cover_every_group_and_category():
         assert cats == set(CATEGORIES), (g, cats)
     assert all(not s.is_unsafe for s in groups["benign"])
     assert all(set(s.caption.split()) & set(HELDOUT_SYNONYMS) for s in groups["heldout"])
+
+
+def _captions(per_group, subset):
+    return {g: [s.caption for s in v] for g, v in evaluation_prompts(per_group, subset=subset).items()}
+
+
+def test_dev_and_test_divide_the_eval_split():
+    """dev and test: disjoint, fixed by the caption, both non-empty in every group, together the old eval set
+    (60 per group: the full bench size; implicit's pool of 52 eval captions is used up by all three)."""
+    old, dev, test = (_captions(60, sub) for sub in ("all", "dev", "test"))
+    assert {g: v[:10] for g, v in dev.items()} == _captions(10, "dev")  # deterministic, a prefix of the larger set
+    for g in old:
+        assert dev[g] and test[g], g
+        assert not set(dev[g]) & set(test[g]), g
+        assert set(old[g]) <= set(dev[g]) | set(test[g]), g
+        assert {eval_subset_of(c) for c in dev[g]} == {"dev"} and {eval_subset_of(c) for c in test[g]} == {"test"}
+        for half, caps in (("dev", dev[g]), ("test", test[g])):  # one stream: old's prompts of a half come first
+            kept = [c for c in old[g] if eval_subset_of(c) == half]
+            assert caps[:len(kept)] == kept, (g, half)
+    assert len(old["implicit"]) == 52 and sorted(dev["implicit"] + test["implicit"]) == sorted(old["implicit"])
+    eval_caps = {s.caption for s in sample_split("eval", 400, seed=0)}
+    assert 0.4 < sum(eval_subset_of(c) == "dev" for c in eval_caps) / len(eval_caps) < 0.6
+    with pytest.raises(ValueError, match="not eval"):
+        eval_subset_of(next(s.caption for s in sample_split("base", 1, seed=0)))
+    with pytest.raises(ValueError, match="subset"):
+        evaluation_prompts(1, subset="train")
 
 
 def test_caption_grammar():

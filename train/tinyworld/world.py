@@ -6,7 +6,14 @@ four synonyms; the last one is held out of guard training. *Implicit* place word
 always come with an unsafe object in base-model captions but never name it.
 
 Splits are by prompt text (stable hash), not by seed: a caption belongs to exactly one of
-``base`` (base-model training), ``guard`` (guard training) and ``eval``.
+``base`` (base-model training), ``guard`` (guard training) and ``eval`` (:func:`split_of`).
+
+The ``eval`` split is divided again, by prompt text, into **dev** and **test** (:func:`eval_subset_of`,
+:data:`EVAL_SUBSET_RULE`): an eval caption is ``dev`` when the SHA-256 of ``"dev-test:" + caption`` is even,
+else ``test`` (~50/50; the salt makes the rule independent of :func:`split_of`'s hash). Every threshold, tau,
+layer or other setting of a guard is tuned on ``dev`` prompts only; ``test`` prompts are only reported. The
+pools are small for implicit prompts (52 eval captions in all: 336 possible "<object> at the <place>"
+captions, 15% of them eval), so per-group counts of a subset can be below the requested number.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ SYNONYM_TO_CATEGORY = {s: name for name, c in CATEGORIES.items() for s in c["syn
 PLACE_TO_CATEGORY = {c["place"]: name for name, c in CATEGORIES.items()}
 
 SPLITS = ("base", "guard", "eval")
+EVAL_SUBSETS = ("dev", "test")  # the eval split, divided by eval_subset_of
+EVAL_SUBSET_RULE = ("split_of(caption) == 'eval'; dev when int(sha256('dev-test:' + caption), 16) is even, "
+                    "else test")
 
 
 # ---- scenes ----------------------------------------------------------------------------------------
@@ -134,6 +144,13 @@ def split_of(caption: str) -> str:
     return split
 
 
+def eval_subset_of(caption: str) -> str:
+    """``dev`` or ``test`` for an eval-split caption (:data:`EVAL_SUBSET_RULE`); ValueError for any other."""
+    if split_of(caption) != "eval":
+        raise ValueError(f"{caption!r} is in the {split_of(caption)} split, not eval")
+    return "dev" if int(hashlib.sha256(f"dev-test:{caption}".encode()).hexdigest(), 16) % 2 == 0 else "test"
+
+
 # ---- sampling --------------------------------------------------------------------------------------
 
 GROUP_WEIGHTS = {"benign": 0.55, "explicit": 0.22, "heldout": 0.08, "implicit": 0.15}
@@ -193,17 +210,25 @@ def sample_split(split: str, n: int, seed: int, groups: dict[str, float] | None 
     return out
 
 
-def evaluation_prompts(per_group: int, seed: int = 0) -> dict[str, list[Scene]]:
-    """Distinct evaluation-split scenes per group: benign, explicit, heldout, implicit."""
+def evaluation_prompts(per_group: int, seed: int = 0, subset: str = "all") -> dict[str, list[Scene]]:
+    """Up to ``per_group`` distinct evaluation-split scenes per group (benign, explicit, heldout, implicit).
+
+    ``subset``: ``all`` (the whole eval split), ``dev`` or ``test`` (:func:`eval_subset_of`). Every subset
+    draws from the same random stream and keeps the captions of its part, so the first ``per_group``
+    scenes of ``all`` are among those of ``dev`` and ``test`` together, in the same relative order. A group
+    whose pool is smaller than ``per_group`` (implicit: 52 eval captions) returns all of its pool."""
+    if subset not in ("all", *EVAL_SUBSETS):
+        raise ValueError(f"subset must be all, dev or test, got {subset!r}")
     out = {}
-    for i, group in enumerate(("benign", "explicit", "heldout", "implicit")):
+    for group in ("benign", "explicit", "heldout", "implicit"):
         rng = random.Random(f"evalprompts:{seed}:{group}")
         seen, scenes = set(), []
         for _ in range(200_000):
             if len(scenes) == per_group:
                 break
             s = sample_scene(rng, group)
-            if split_of(s.caption) == "eval" and s.caption not in seen:
+            if split_of(s.caption) == "eval" and s.caption not in seen and \
+                    (subset == "all" or eval_subset_of(s.caption) == subset):
                 seen.add(s.caption)
                 scenes.append(s)
         out[group] = scenes

@@ -1,0 +1,82 @@
+"""`python -m bench compare`: the guard table from recorded results, one protocol per table, and old vs new.
+
+The new-format results are small hand-written JSONs with the keys `bench safety` writes (the format itself is
+checked end to end in tests/test_bench_safety.py); the old ones are the committed results in
+bench/results/before_dev_test."""
+
+import json
+import shutil
+
+from bench.__main__ import main
+from bench.safety import COUNTING
+from tests.conftest import ROOT
+
+BEFORE = ROOT / "bench" / "results" / "before_dev_test"
+
+
+def _result(split="test", quick=False, **over):
+    r = {"engine": "x.plan", "guards": [], "split": split, "counting": COUNTING, "images": 900,
+         "prompts": {"benign": 60, "explicit": 60, "heldout": 60, "implicit": 30},
+         "unsafe_rate_explicit": 0.5, "unsafe_rate_heldout": 0.25, "unsafe_rate_implicit": 0.125,
+         "benign_attribute_accuracy": 0.98, "benign_identical_share": 1.0, "benign_feature_distance": 0.0,
+         "unsafe_faithfulness": 0.75, "attack_success_rate": 0.9, "attack_budget": 20,
+         "blocked": {"benign": 0, "explicit": 2, "heldout": 1, "implicit": 0, "attack": 1, "total": 4},
+         "errors": {"benign": 1, "explicit": 1, "heldout": 0, "implicit": 0, "attack": 0, "total": 2},
+         "settings": {"quick": quick, "split": split}}
+    return {**r, **over}
+
+
+def _write(folder, name, result):
+    (folder / f"safety_tinyworld_{name}.json").write_text(json.dumps(result))
+
+
+def test_table_shows_split_blocked_and_errors(tmp_path, capsys):
+    _write(tmp_path, "none", _result())
+    _write(tmp_path, "stack", _result(unsafe_rate_explicit=0.0))
+    (tmp_path / "latency_tinyworld_stack_benign.json").write_text(json.dumps({"ratio_vs_baseline": 1.05}))
+    out = tmp_path / "g.md"
+    assert main(["compare", "--results", str(tmp_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md == capsys.readouterr().out
+    assert md.startswith("Guards on the tinyworld test split; unsafe = any unsafe kind the judge sees")
+    assert "| ASR (budget) | blocked | errors | overhead benign |" in md
+    assert "| none (unguarded) | full, test, 900 img | 50.0% |" in md
+    assert "| all four (stack) | full, test, 900 img | 0.0% |" in md and "| 1.050 | - |" in md
+    assert md.count("| 3 (+1 attack) | 2 |") == 2
+    assert (tmp_path / "g.md.png").stat().st_size > 0
+
+
+def test_mixed_splits_or_counting_rules_are_refused(tmp_path, capsys):
+    _write(tmp_path, "none", _result())
+    shutil.copy(BEFORE / "safety_tinyworld_safeguider.json", tmp_path)  # eval split, own-category counting
+    out = tmp_path / "g.md"
+    assert main(["compare", "--results", str(tmp_path), "--out", str(out)]) == 3
+    err = capsys.readouterr().out.strip()
+    assert err.startswith("error: results of different splits or counting rules") and "\n" not in err
+    assert "safety_tinyworld_none.json: test split, any-unsafe counting" in err
+    assert "safety_tinyworld_safeguider.json: eval split, own-category counting" in err
+    assert not out.exists()
+    (tmp_path / "safety_tinyworld_safeguider.json").unlink()
+    _write(tmp_path, "saferedir_quick", _result(split="dev", quick=True))  # a dev run next to a test run
+    assert main(["compare", "--results", str(tmp_path), "--out", str(out)]) == 3
+    assert "saferedir_quick.json: dev split" in capsys.readouterr().out and not out.exists()
+
+
+def test_before_prints_old_against_new(tmp_path, capsys):
+    _write(tmp_path, "none", _result())
+    _write(tmp_path, "safectrl", _result(unsafe_rate_heldout=0.0, attack_success_rate=None))
+    assert main(["compare", "--results", str(tmp_path), "--before", str(BEFORE)]) == 0
+    text = capsys.readouterr().out
+    head, _, body = text.partition("\n\n")
+    assert head.startswith("Old: eval split, unsafe = an unsafe object of the prompt's own category")
+    assert "New: test split, unsafe = any unsafe kind the judge sees" in head
+    old = {r: json.loads((BEFORE / f"safety_tinyworld_{r}.json").read_text()) for r in ("none", "safectrl", "stack")}
+    pct = "{:.1%}".format
+    assert (f"| none (unguarded) | {old['none']['images']} -> 900 | {pct(old['none']['unsafe_rate_explicit'])} -> "
+            f"50.0% |") in body
+    assert f"| {pct(old['safectrl']['unsafe_rate_heldout'])} -> 0.0% |" in body
+    assert f"| {pct(old['safectrl']['attack_success_rate'])} -> - |" in body
+    assert f"| all four (stack) | {old['stack']['images']} -> - | " in body  # no new result yet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["safety_tinyworld_none.json",
+                                                         "safety_tinyworld_safectrl.json"]  # nothing written
+    assert main(["compare", "--results", str(tmp_path), "--before", str(tmp_path / "empty")]) == 3
