@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -385,7 +386,8 @@ def run_latency(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(file=sys.stderr)
 
-        result: dict[str, Any] = {"backend": engine.pipe.backend, "providers": engine.pipe.providers,
+        result: dict[str, Any] = {"command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                                  "backend": engine.pipe.backend, "providers": engine.pipe.providers,
                                   "engine": str(args.engine),
                                   "machine": machine_info(args.machine_note, "reference" in runners),
                                   "settings": settings}
