@@ -20,8 +20,9 @@ from tqdm import tqdm
 from runtime.errors import BackendError, BadInputError
 from runtime.manifest import Manifest
 
+from guards import GUARDS
+
 from .bundle import onnx_component, tokenizer_components, write_bundle
-from .guards import GUARDS
 from .idle import IDLE_GRAPH, IDLE_MODES, export_idle_graph, share_weights, wants_idle_graph
 
 KIND_OF_GRAPH = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "denoise": "denoise",
@@ -254,7 +255,7 @@ def build(opts: BuildOptions) -> Path:
             scheduler=json.loads(json.dumps(dict(backbone.scheduler.config), default=str)),
             latent={"channels": backbone.latent_channels, "scale_factor": backbone.vae_scale_factor,
                     "scaling_factor": backbone.vae_scaling_factor},
-            guards={**{name: g.config for name, g in guards.items()},
+            guards={**{name: guards[name].config for name in GUARDS if name in guards},
                     **({"image_checker": checker} if checker is not None else {})},
             defaults={"steps": profile["defaults"]["steps"], "guidance_scale": profile["defaults"]["guidance_scale"],
                       "scheduler": profile["defaults"]["scheduler"], "height": height, "width": width,

@@ -44,7 +44,7 @@ def torch_parts(tinyworld_dir):
 
     from export.families import load_backbone
     from export.graphs import TextStage
-    from export.guards.safeguider import SafeGuiderClassifier
+    from guards.safeguider import SafeGuiderClassifier
 
     torch.set_num_threads(1)
     bb = load_backbone(tinyworld_dir)
@@ -197,11 +197,10 @@ def test_lean_matches_pytorch_reference(prompt, triggered, gpipe, torch_parts):
 # -- fail closed ------------------------------------------------------------------------------------------------------
 
 
-def test_bundle_without_safe_score_is_refused(tinyworld_plan):
-    from export.guards.safeguider import RUNTIME_CONFIG
-
+def test_bundle_without_safe_score_is_refused(tinyworld_plan, gpipe):
+    entry = gpipe.bundle.manifest.guards["safeguider"]
     with pytest.raises(BundleError, match="safe_score"):
-        Pipeline.open(tinyworld_plan, extra_guards={"safeguider": RUNTIME_CONFIG})
+        Pipeline.open(tinyworld_plan, extra_guards={"safeguider": entry})
 
 
 def test_missing_output_at_run_time_fails_closed(guard, gpipe):
