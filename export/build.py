@@ -37,11 +37,12 @@ class BuildOptions:
     out: Path
     backend: str = "onnx"                 # onnx | tensorrt
     precision: str | None = None          # fp32 | fp16 | None (= the build profile's per-component choice)
-    height: int | None = None
+    height: int | None = None             # None: the model's own (UNet sample_size x VAE factor)
     width: int | None = None
     batch: str | None = None              # "MIN:OPT:MAX" prompts per call (TensorRT profile)
     dynamic_hw: bool = False
-    profile: str | None = None            # engines/profiles/<name>.json or a path; default: the family's
+    profile: str | None = None            # engines/profiles/<name>.json or a path; default: the first whose
+                                          # "match" fits the backbone, else the family's
     guards: list[str] = field(default_factory=list)
     guard_dir: Path | None = None         # root of trained guard weights (default: models/guards)
     exporter: str | None = None
@@ -129,7 +130,7 @@ def build(opts: BuildOptions) -> Path:
 
     from .fp16 import FP16Refused, convert_to_fp16
     from .graphs import DEFAULT_EXPORTER, export_all
-    from .tensorrt import load_build_profile, parse_batch
+    from .tensorrt import parse_batch, select_build_profile
 
     _check_request(opts)
     checker = _checker_entry(opts)
@@ -146,11 +147,11 @@ def build(opts: BuildOptions) -> Path:
     except BackboneError as e:
         raise BadInputError(str(e)) from None
     try:
-        profile = load_build_profile(opts.profile or backbone.family)
+        profile = select_build_profile(backbone, opts.profile)
     except Exception as e:  # unknown profile name / broken JSON
         raise BadInputError(f"--profile {opts.profile or backbone.family}: {e}") from None
-    height = opts.height or profile["image"]["height"]
-    width = opts.width or profile["image"]["width"]
+    height = opts.height or backbone.image_size
+    width = opts.width or backbone.image_size
     batch = parse_batch(opts.batch or profile.get("batch", "1:1:4"))
     exporter = opts.exporter or DEFAULT_EXPORTER
     from .guards import prepare as prepare_guards

@@ -39,9 +39,10 @@ def tinyworld_build(tmp_path_factory, tinyworld_dir) -> tuple[Path, float]:
 
 def build_tinyworld_plan(out: Path, *args: str) -> Path:
     """``python -m export build`` of the committed tinyworld model into ``out`` with extra CLI ``args``
-    (e.g. ``--guards safeguider``), in a child process like a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(TINYWORLD), "--profile",
-                           "tinyworld", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+    (e.g. ``--guards safeguider``), in a child process like a user runs it (no ``--profile``: the tinyworld
+    folder picks the tinyworld profile by itself)."""
+    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(TINYWORLD), *args,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
