@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from guards.safepatch import SafePatchConfig
+from train.options import add_config_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--proj-dim", type=int, default=SafePatchConfig.proj_dim, help="instruction projection width")
+    add_config_options(p, SafePatchConfig, {"proj_dim": "instruction projection width"})
     p.add_argument("--threshold", type=float, default=None,
                    help="gate: run the patch when 1 - p(none) >= this (default: calibrated on held-back "
                         "guard-split prompts, train.pick_threshold)")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from guards.saferedir import SafeRedirConfig
+from train.options import add_config_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,12 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage 1: extra guard-split prompts per class seen with step-0 noise (a quarter of each batch)")
     p.add_argument("--prompt-dropout", type=float, default=0.3,
                    help="stage 1: share of samples whose prompt is replaced by the empty prompt (latent-only)")
-    p.add_argument("--alpha", type=float, default=SafeRedirConfig.alpha, help="redirection strength")
-    p.add_argument("--check-every", type=int, default=SafeRedirConfig.check_every,
-                   help="runtime: check the latent every N steps")
-    p.add_argument("--first-check", type=int, default=SafeRedirConfig.first_check, help="runtime: first step checked")
-    p.add_argument("--threshold", type=float, default=SafeRedirConfig.threshold,
-                   help="runtime: unsafe probability that triggers")
+    add_config_options(p, SafeRedirConfig, {
+        "alpha": "redirection strength",
+        "check_every": "runtime: check the latent every N steps",
+        "first_check": "runtime: first step checked",
+        "threshold": "runtime: unsafe probability that triggers"})
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
