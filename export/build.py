@@ -79,6 +79,13 @@ def _checker_entry(opts: BuildOptions) -> dict | None:
     return {**config, "component": "image_checker"}
 
 
+def guards_section(guards: dict, checker: dict | None) -> dict:
+    """The manifest's ``guards``: each guard's entry (``{name: GuardParts}``) in registry order, the image checker
+    last (the order the runtime runs them in)."""
+    return {**{name: guards[name].config for name in GUARDS if name in guards},
+            **({"image_checker": checker} if checker is not None else {})}
+
+
 def _check_request(opts: BuildOptions) -> None:
     """Reject what cannot be built before spending minutes on export."""
     if opts.backend not in ("onnx", "tensorrt"):
@@ -256,8 +263,7 @@ def build(opts: BuildOptions) -> Path:
             scheduler=json.loads(json.dumps(dict(backbone.scheduler.config), default=str)),
             latent={"channels": backbone.latent_channels, "scale_factor": backbone.vae_scale_factor,
                     "scaling_factor": backbone.vae_scaling_factor},
-            guards={**{name: guards[name].config for name in GUARDS if name in guards},
-                    **({"image_checker": checker} if checker is not None else {})},
+            guards=guards_section(guards, checker),
             defaults={"steps": profile["defaults"]["steps"], "guidance_scale": profile["defaults"]["guidance_scale"],
                       "scheduler": profile["defaults"]["scheduler"], "height": height, "width": width,
                       "prediction_type": backbone.prediction_type, "batch": list(batch),

@@ -17,9 +17,8 @@ arguments):
   parallel attention with its own ``W_K'``, ``W_V'`` (initialised from the layer's ``W_K``, ``W_V``) over the
   same text features and the same query, blended before ``to_out``: ``Z_new = Z * (1 - M_bar) + Z' * M_bar``,
   ``M_bar`` area-pooled to the layer's resolution. ``M_bar`` is the smoothed mask hard-thresholded at ``tau``
-  and, above it, scaled by ``mask_gain`` (clamped to 1; gain 1 is the published blend; tinyworld's 10, a
-  near-binary blend inside the detected region, was chosen by a PyTorch-reference sweep: the soft mask left
-  the knife half-drawn).
+  and, above it, scaled by ``mask_gain`` (clamped to 1; gain 1 is the published blend; tinyworld's 10 makes it
+  near-binary inside the detected region, bench/results/design_measurements.md).
 
 While exporting, each blended layer is ONE attention over both key sets (``[K; K']``, ``[V; V']``, 2 S keys):
 a softmax per key set, each set's probabilities scaled by its blend weight per pixel (``1 - M_bar``,

@@ -62,6 +62,16 @@ def test_train_and_export_use_the_registry():
         assert callable(importlib.import_module(f"train.{name}.cli").main)
 
 
+def test_manifest_guards_in_registry_order_checker_last():
+    from export.build import guards_section
+    from export.guards import GuardParts
+
+    parts = {name: GuardParts(config={"n": i}) for i, name in enumerate(reversed(guards.GUARDS))}
+    section = guards_section(parts, {"component": "image_checker"})
+    assert list(section) == [*guards.GUARDS, "image_checker"] and section["safectrl"] == {"n": 0}
+    assert list(guards_section({"safectrl": parts["safectrl"]}, None)) == ["safectrl"]
+
+
 def test_train_never_imports_export_guards():
     from .test_layering import _modules
 
@@ -178,3 +188,19 @@ def test_prepare_writes_the_configs_run_time_settings(backbone):
     assert parts["safectrl"].config["mask_threshold"] == guards.config_class("safectrl").mask_threshold == 0.07
     assert parts["safectrl"].config["mask_gain"] == 10.0
     assert parts["safepatch"].config["threshold"] == 0.9
+
+
+def test_export_refuses_a_config_that_does_not_fit(tmp_path, backbone):
+    """``export build --guards`` with a config.json holding a key the schema does not know: one-line bad input."""
+    import shutil
+
+    from export.guards import prepare
+    from runtime.errors import BadInputError
+
+    folder = tmp_path / "guards" / TINYWORLD.name / "saferedir"
+    shutil.copytree(COMMITTED / "saferedir", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "check_evry": 2}))
+    with pytest.raises(BadInputError, match="--guards saferedir: .*unknown key.*'check_evry'") as e:
+        prepare(["saferedir"], backbone, TINYWORLD, root=tmp_path / "guards")
+    assert "\n" not in str(e.value)

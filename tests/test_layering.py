@@ -39,6 +39,12 @@ def test_no_upstream_or_heavy_imports(package):
     assert not {k: v for k, v in bad.items() if v}
 
 
+def test_guards_import_only_stdlib_torch_diffusers_safetensors():
+    allowed = set(sys.stdlib_module_names) | {"__future__", "guards", "torch", "diffusers", "safetensors"}
+    bad = {str(p.relative_to(ROOT)): sorted(_imports(p) - allowed) for p in (ROOT / "guards").rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
 def test_runtime_cli_process_never_loads_torch():
     code = ("import sys, runtime.cli, runtime.bundle, runtime.tokenizer, runtime.schedulers, runtime.backends; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'train', 'export', 'tensorrt') "
