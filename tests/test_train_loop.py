@@ -74,6 +74,9 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b)
     assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    torch.save({"model": {}, "opt": {}, "step": 3, "log": []}, tmp_path / "old.pt")  # a pre-train/loop.py file
+    with pytest.raises(ValueError, match="old.pt: not a checkpoint written by train/loop.py"):
+        resume(tmp_path / "old.pt", fresh, fresh_opt)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

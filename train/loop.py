@@ -61,6 +61,9 @@ def resume(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Opt
     if not path.is_file():
         return 0, [], {}
     state = torch.load(path, weights_only=False)
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "log", "rng"} <= set(state):
+        raise ValueError(f"{path}: not a checkpoint written by train/loop.py (an older trainer's?): delete it, or "
+                         f"train without --resume")
     module.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

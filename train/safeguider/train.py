@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from guards.safeguider import SafeGuiderClassifier, SafeGuiderConfig
-
 from train.loop import resume as resume_from, save_checkpoint
 
 
