@@ -57,6 +57,9 @@ def test_train_and_export_use_the_registry():
 
     assert export.build.GUARDS is guards.GUARDS and export.guards.GUARDS is guards.GUARDS
     assert train_main.GUARDS is guards.GUARDS
+    from runtime.guards import ORDER  # the lean runtime keeps its own list (it imports no torch-side package)
+
+    assert ORDER == (*guards.GUARDS, "image_checker")
     for name in guards.GUARDS:  # every registered guard has an exporter and a trainer
         assert callable(importlib.import_module(f"export.guards.{name}").prepare)
         assert callable(importlib.import_module(f"train.{name}.cli").main)
