@@ -29,7 +29,7 @@ demo: $(STAMP) $(PLAN) $(STACK)  ## generate through the guarded default bundle,
 	@echo "guarded image: $(CURDIR)/out/demo.png (report: out/demo.json); unguarded vs guarded: out/demo_side_by_side.png"
 
 $(PLAN): models/tinyworld/unet/diffusion_pytorch_model.safetensors | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --profile tinyworld --out $(PLAN)
+	$(PY) -m export build --model models/tinyworld --out $(PLAN)
 
 demo-reference: $(STAMP)  ## render a grid of tinyworld prompts with the PyTorch reference (train package)
 	@mkdir -p out
@@ -54,19 +54,24 @@ bundle: $(STAMP) $(PLAN) $(STACK)  ## the embedded default (the guarded stack) a
 
 # Guarded tinyworld bundles: one per guard, and the full stack (weights in models/guards/tinyworld/<guard>/).
 GUARDED := safeguider saferedir safepatch safectrl
-# a bundle is stale when the guard's weights, its config (run-time settings live there) or its export code change
-# (export/idle.py: whether the bundle carries denoise_idle)
+# a bundle is stale when the guard's weights, its config (run-time settings live there), its module or its export
+# code change (export/idle.py: whether the bundle carries denoise_idle)
+GUARD_CODE := guards/config.py guards/storage.py export/idle.py
 engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/%/model.safetensors \
-                          models/guards/tinyworld/%/config.json export/guards/%.py export/idle.py | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $* --out $@
+                          models/guards/tinyworld/%/config.json guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld --guards $* --out $@
 
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
-                              models/guards/tinyworld/$(g)/config.json export/guards/$(g).py) export/idle.py | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) --out $@
+                              models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
+                              $(GUARD_CODE) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) --out $@
 
-engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/safeguider/model.safetensors models/guards/tinyworld/saferedir/model.safetensors | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --profile tinyworld --guards safeguider,saferedir --out $@
+engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
+                             $(foreach g,safeguider saferedir,models/guards/tinyworld/$(g)/model.safetensors \
+                             models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
+                             $(GUARD_CODE) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld --guards safeguider,saferedir --out $@
 
 guarded-bundles: $(foreach g,$(GUARDED),engines/tinyworld_$(g).plan) engines/tinyworld_text.plan engines/tinyworld_stack.plan  ## every guarded bundle
 

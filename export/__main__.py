@@ -21,11 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="onnx", choices=("onnx", "tensorrt"))
     b.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                    help="all components (default: the build profile's per-component choice)")
-    b.add_argument("--height", type=int, default=None)
-    b.add_argument("--width", type=int, default=None)
+    b.add_argument("--height", type=int, default=None, help="image height (default: the model's own)")
+    b.add_argument("--width", type=int, default=None, help="image width (default: the model's own)")
     b.add_argument("--dynamic-hw", action="store_true", help="graphs take any multiple-of-8 size")
     b.add_argument("--batch", default=None, help="MIN:OPT:MAX prompts per call (TensorRT profile)")
-    b.add_argument("--profile", default=None, help="engines/profiles name or JSON path (default: the family's)")
+    b.add_argument("--profile", default=None, help="engines/profiles name or JSON path (default: the first profile whose "
+                   "'match' fits the model, else the family's)")
     b.add_argument("--guards", default="", help="comma list of guards to fuse: safeguider,saferedir,safepatch,safectrl")
     b.add_argument("--guard-dir", type=Path, default=None,
                    help="root of trained guard weights, <root>/<model name>/<guard>/ (default: models/guards)")

@@ -18,10 +18,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from runtime.errors import BackendError, BadInputError
+from runtime.guards.image_checker import check_config
 from runtime.manifest import Manifest
 
+from guards import GUARDS
+
 from .bundle import onnx_component, tokenizer_components, write_bundle
-from .guards import GUARDS
 from .idle import IDLE_GRAPH, IDLE_MODES, export_idle_graph, share_weights, wants_idle_graph
 
 KIND_OF_GRAPH = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "denoise": "denoise",
@@ -36,11 +38,12 @@ class BuildOptions:
     out: Path
     backend: str = "onnx"                 # onnx | tensorrt
     precision: str | None = None          # fp32 | fp16 | None (= the build profile's per-component choice)
-    height: int | None = None
+    height: int | None = None             # None: the model's own (UNet sample_size x VAE factor)
     width: int | None = None
     batch: str | None = None              # "MIN:OPT:MAX" prompts per call (TensorRT profile)
     dynamic_hw: bool = False
-    profile: str | None = None            # engines/profiles/<name>.json or a path; default: the family's
+    profile: str | None = None            # engines/profiles/<name>.json or a path; default: the first whose
+                                          # "match" fits the backbone, else the family's
     guards: list[str] = field(default_factory=list)
     guard_dir: Path | None = None         # root of trained guard weights (default: models/guards)
     exporter: str | None = None
@@ -53,7 +56,8 @@ class BuildOptions:
 
 
 def _checker_entry(opts: BuildOptions) -> dict | None:
-    """The manifest ``guards["image_checker"]`` entry for ``--checker`` (None without it)."""
+    """The manifest ``guards["image_checker"]`` entry for ``--checker`` (None without it): the config with every
+    default filled in and range-checked (BadInputError, exit 3, naming the file)."""
     if opts.checker is None:
         if opts.checker_config is not None:
             raise BadInputError(f"--checker-config {opts.checker_config} needs --checker FILE.onnx")
@@ -74,7 +78,15 @@ def _checker_entry(opts: BuildOptions) -> dict | None:
         if not isinstance(config, dict):
             raise BadInputError(f"--checker-config {config_path} must hold a JSON object")
     config.pop("path", None)
-    return {**config, "component": "image_checker"}
+    # every setting written out, checked as the runtime checks it: a bundle's checker entry is complete
+    return check_config({**config, "component": "image_checker"}, "user", f"--checker-config {config_path or checker}")
+
+
+def guards_section(guards: dict, checker: dict | None) -> dict:
+    """The manifest's ``guards``: each guard's entry (``{name: GuardParts}``) in registry order, the image checker
+    last (the order the runtime runs them in)."""
+    return {**{name: guards[name].config for name in GUARDS if name in guards},
+            **({"image_checker": checker} if checker is not None else {})}
 
 
 def _check_request(opts: BuildOptions) -> None:
@@ -128,7 +140,7 @@ def build(opts: BuildOptions) -> Path:
 
     from .fp16 import FP16Refused, convert_to_fp16
     from .graphs import DEFAULT_EXPORTER, export_all
-    from .tensorrt import load_build_profile, parse_batch
+    from .tensorrt import parse_batch, select_build_profile
 
     _check_request(opts)
     checker = _checker_entry(opts)
@@ -145,11 +157,11 @@ def build(opts: BuildOptions) -> Path:
     except BackboneError as e:
         raise BadInputError(str(e)) from None
     try:
-        profile = load_build_profile(opts.profile or backbone.family)
+        profile = select_build_profile(backbone, opts.profile)
     except Exception as e:  # unknown profile name / broken JSON
         raise BadInputError(f"--profile {opts.profile or backbone.family}: {e}") from None
-    height = opts.height or profile["image"]["height"]
-    width = opts.width or profile["image"]["width"]
+    height = opts.height or backbone.image_size
+    width = opts.width or backbone.image_size
     batch = parse_batch(opts.batch or profile.get("batch", "1:1:4"))
     exporter = opts.exporter or DEFAULT_EXPORTER
     from .guards import prepare as prepare_guards
@@ -254,8 +266,7 @@ def build(opts: BuildOptions) -> Path:
             scheduler=json.loads(json.dumps(dict(backbone.scheduler.config), default=str)),
             latent={"channels": backbone.latent_channels, "scale_factor": backbone.vae_scale_factor,
                     "scaling_factor": backbone.vae_scaling_factor},
-            guards={**{name: g.config for name, g in guards.items()},
-                    **({"image_checker": checker} if checker is not None else {})},
+            guards=guards_section(guards, checker),
             defaults={"steps": profile["defaults"]["steps"], "guidance_scale": profile["defaults"]["guidance_scale"],
                       "scheduler": profile["defaults"]["scheduler"], "height": height, "width": width,
                       "prediction_type": backbone.prediction_type, "batch": list(batch),

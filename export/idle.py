@@ -7,9 +7,8 @@ below ``tau`` everywhere or the step is before the active ones. With those input
 for them: zero-residual Adds (with an NCHWc reorder each on ONNX Runtime's CPU provider), and SafeCtrl's
 Safety Guidance branch in every attn2, which is computed and then weighted by 0. ``denoise_idle`` is that
 graph with those inputs gone: the plain UNet for SafePatch; the UNet plus SafeCtrl's detector and mask state
-(``SafeCtrlExtension(blend=False)``) for SafeCtrl. Measured on tinyworld (denoise graph alone, 2 cores):
-SafeCtrl's full graph 1.088x the plain UNet with every attn2 blended, 1.033x with the two it blends now; its idle
-graph ~1.00-1.02x. Which bundles carry it: :func:`wants_idle_graph`.
+(``SafeCtrlExtension(blend=False)``) for SafeCtrl: cheaper than the full graph (figures in
+bench/results/design_measurements.md). Which bundles carry it: :func:`wants_idle_graph`.
 
 **Contract** (checked by the runtime when it opens the bundle, ``runtime/pipeline.py``): the inputs of
 ``denoise_idle`` are a subset of ``denoise``'s and its outputs are the same; with every input it lacks all
@@ -44,11 +43,8 @@ def wants_idle_graph(guards, mode: str = "auto") -> bool:
     ``"always"``: whenever a guard adds per-step inputs to the denoise graph; ``"auto"``: when a guard asks for it
     (``GuardParts.idle_graph``; SafePatch, whose residuals are zero on every step of a gated-off prompt).
 
-    SafeCtrl alone does not ask: the idle graph saves its guidance branch on the steps that do not blend, but the
-    prompts that do blend switch sessions mid-call, and on tinyworld (2-core CPU, ``bench latency``) that cost
-    more than it saved. Per step, with the idle graph: benign 1.025-1.041 (5 runs), unsafe 1.053-1.073 (16 runs);
-    without: benign 1.041-1.059 (9 runs, median 1.046), unsafe 1.043-1.049 (12 runs, median 1.047)
-    (``bench/results/safectrl_step_cost.md``)."""
+    SafeCtrl alone does not ask: the prompts that blend would switch sessions mid-call, which cost more than the
+    idle steps saved (bench/results/design_measurements.md)."""
     if mode not in IDLE_MODES:
         raise ValueError(f"idle graph mode {mode!r}: choose one of {', '.join(IDLE_MODES)}")
     stepped = [g for g in guards.values() if g.residual_inputs or g.extensions]

@@ -296,6 +296,18 @@ def profile_from_flags(spec_inputs: Iterable[Any], batch: str | int | Sequence[i
 PRECISIONS = ("fp32", "fp16")
 
 
+MATCH_KEYS = {
+    "family": lambda b: b.family,
+    "vae_scale_factor": lambda b: b.vae_scale_factor,
+    "sample_size": lambda b: b.sample_size,
+    "latent_channels": lambda b: b.latent_channels,
+    "text_max_length": lambda b: b.text_encoders[0].max_length,
+    "cross_attention_dim": lambda b: b.cross_attention_dim,
+    "prediction_type": lambda b: b.prediction_type,
+}
+"""What a profile's ``match`` clause may name: facts of a loaded backbone (``export.families.Backbone``)."""
+
+
 def load_build_profile(name_or_path: str | os.PathLike) -> dict:
     """Read and check a build profile: ``"sdxl"`` (from ``engines/profiles``) or a path to a JSON file."""
     path = Path(name_or_path)
@@ -309,15 +321,15 @@ def load_build_profile(name_or_path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     where = path.name
-    for key in ("family", "image", "batch", "latent_factor", "tokenizer_max_length", "precision", "defaults"):
+    for key in ("family", "batch", "latent_factor", "tokenizer_max_length", "precision", "defaults"):
         if key not in data:
             raise ValueError(f"{where}: missing key {key!r}")
-    factor = int(data["latent_factor"])
-    variants = {"": data, **{f" variant {k!r}": {**data, **v} for k, v in data.get("variants", {}).items()}}
-    for label, d in variants.items():
-        h, w = int(d["image"]["height"]), int(d["image"]["width"])
-        if h % factor or w % factor:
-            raise ValueError(f"{where}{label}: image {h}x{w} is not a multiple of the VAE factor {factor}")
+    if "image" in data:
+        raise ValueError(f"{where}: 'image' is no longer read: the image size is the model's own "
+                         f"(UNet sample_size x VAE factor) unless --height/--width say otherwise; remove it")
+    unknown = sorted(set(data.get("match", {})) - set(MATCH_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: match key(s) {', '.join(unknown)} unknown (known: {', '.join(MATCH_KEYS)})")
     parse_batch(data["batch"])
     for component, precision in data["precision"].items():
         if precision not in PRECISIONS:
@@ -327,6 +339,19 @@ def load_build_profile(name_or_path: str | os.PathLike) -> dict:
         if key not in defaults:
             raise ValueError(f"{where}: defaults need {key!r}")
     return data
+
+
+def select_build_profile(backbone, name_or_path: str | os.PathLike | None = None) -> dict:
+    """``name_or_path`` when given; else the first profile in ``engines/profiles`` (by file name) whose ``match``
+    clause fits ``backbone`` (every key equal), else the backbone family's profile."""
+    if name_or_path is not None:
+        return load_build_profile(name_or_path)
+    for path in sorted(PROFILES_DIR.glob("*.json")):
+        profile = load_build_profile(path)
+        match = profile.get("match")
+        if match and all(MATCH_KEYS[k](backbone) == v for k, v in match.items()):
+            return profile
+    return load_build_profile(backbone.family)
 
 
 # ---- the build ----------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from guards import GUARDS
+
 ROOT = Path(__file__).resolve().parent.parent
 TINYWORLD = ROOT / "models" / "tinyworld"
 TINYWORLD_JUDGE = ROOT / "models" / "tinyworld-judge"
@@ -39,9 +41,10 @@ def tinyworld_build(tmp_path_factory, tinyworld_dir) -> tuple[Path, float]:
 
 def build_tinyworld_plan(out: Path, *args: str) -> Path:
     """``python -m export build`` of the committed tinyworld model into ``out`` with extra CLI ``args``
-    (e.g. ``--guards safeguider``), in a child process like a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(TINYWORLD), "--profile",
-                           "tinyworld", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+    (e.g. ``--guards safeguider``), in a child process like a user runs it (no ``--profile``: the tinyworld
+    folder picks the tinyworld profile by itself)."""
+    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(TINYWORLD), *args,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -68,4 +71,4 @@ def guarded_plan(tmp_path_factory):
     return get
 
 
-STACK = ("safeguider", "saferedir", "safepatch", "safectrl")  # the four-guard stack, in the order guards run
+STACK = GUARDS  # the four-guard stack: every guard of the registry, in the order they run

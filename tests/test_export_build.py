@@ -32,7 +32,10 @@ def test_bundle_contents_and_info(tinyworld_plan):
         assert {"text_encoder", "denoise", "vae_decoder"} <= names
         assert m.latent == {"channels": 4, "scale_factor": 4, "scaling_factor": pytest.approx(m.latent["scaling_factor"])}
         assert m.tokenizers[0]["max_length"] == 16
-        assert m.defaults["height"] == 64 and m.defaults["steps"] == 20
+        # built without --profile: the model's own size (16 x factor 4) and the tinyworld profile it matches
+        assert m.defaults["height"] == m.defaults["width"] == 64
+        assert (m.defaults["steps"], m.defaults["guidance_scale"], m.created_by["profile"]) == (20, 5.0, "tinyworld")
+        assert {c.precision for c in m.components if c.backend == "onnx"} == {"fp32"}
         text = m.component("text_encoder")
         assert [t.shape for t in text.inputs] == [["B", "L"]]
         # the packed graph runs: text stage on a real prompt's ids
@@ -105,12 +108,30 @@ def test_failed_build_writes_nothing_and_keeps_the_old_bundle(tmp_path, args, co
 
 
 def test_fp16_build_of_a_tiny_fixture(tmp_path):
+    """No --height/--width: the fixture's own size (UNet sample_size 32 x VAE factor 2); its family's profile."""
     from export.families.fixtures import make_tiny
 
     model = make_tiny("sd1", tmp_path / "sd1")
     out = tmp_path / "sd1.plan"
-    proc = _run("-m", "export", "build", "--model", str(model), "--out", str(out), "--precision", "fp16",
-                "--height", "64", "--width", "64")
+    proc = _run("-m", "export", "build", "--model", str(model), "--out", str(out), "--precision", "fp16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Bundle.open(out) as b:
         assert {c.precision for c in b.manifest.components if c.backend == "onnx"} == {"fp16"}
+        m = b.manifest
+        assert (m.defaults["height"], m.defaults["width"], m.created_by["profile"]) == (64, 64, "sd1")
+        assert m.component("denoise").inputs[0].shape[-2:] == [32, 32]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_profile_and_size_come_from_the_model(tmp_path, family, tinyworld_dir):
+    """A backbone picks the first profile whose "match" fits it, else its family's; the image size is its own."""
+    from export.families import load_backbone, make_tiny
+    from export.tensorrt import select_build_profile
+
+    backbone = load_backbone(make_tiny(family, tmp_path / family))
+    assert select_build_profile(backbone)["family"] == family
+    assert backbone.image_size == backbone.unet.config.sample_size * backbone.vae_scale_factor == 64
+    assert select_build_profile(backbone, "tinyworld")["family"] == "tinyworld"  # --profile overrides
+    if family == "sd1":
+        tiny = load_backbone(tinyworld_dir)
+        assert (tiny.family, select_build_profile(tiny)["family"], tiny.image_size) == ("sd1", "tinyworld", 64)

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from guards import GUARDS
 from runtime.pipeline import Pipeline
 
-from .conftest import STACK
 
-GUARDS = STACK
 # a benign prompt no guard touches at seed 3. SafeCtrl (tau 0.07) blends on ~7% of benign images, red shapes
 # among them ("a large red circle on sand" reads 0.23): the bench's "identical" column reports that tax
 BENIGN = "a small purple heart and a large orange ring on grass"
@@ -41,8 +40,8 @@ def _strip_times(report):
 
 
 def test_stack_manifest_and_benign_prompt_is_untouched(stack, tinyworld_plan):
-    assert sorted(stack.bundle.manifest.guards) == sorted(GUARDS)
-    assert stack.guard_names == list(GUARDS)  # text guards first: the manifest's order
+    assert list(stack.bundle.manifest.guards) == list(GUARDS)  # written in registry order (guards.GUARDS)
+    assert stack.guard_names == list(GUARDS)  # run in the manifest's order: text guards first
     guarded = stack.generate(BENIGN, seed=3, **SETTINGS)
     with Pipeline.open(tinyworld_plan) as base:
         plain = base.generate(BENIGN, seed=3, **SETTINGS)

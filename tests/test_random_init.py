@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("force", ["on", "off"])
 def test_pinned_decisions(tmp_path, force):
     from export.families import load_backbone
-    from export.guards.safectrl import SafeCtrl
-    from export.guards.safepatch import load
+    from guards.safectrl import SafeCtrl
+    from guards.safepatch import load
     from train.__main__ import main
 
     for guard in ("safepatch", "safectrl"):
@@ -25,7 +25,7 @@ def test_pinned_decisions(tmp_path, force):
     patch, gate, _ = load(tmp_path / "safepatch")
     dim = backbone.text_encoders[0].hidden_size
     with torch.no_grad():
-        probs = gate(torch.randn(3, 16, dim, generator=g), torch.randn(3, dim, generator=g))["safepatch_gate"]
+        probs = gate(torch.randn(3, 16, dim, generator=g), torch.randn(3, dim, generator=g))
         # the published init: every zero conv starts at zero (the patched UNet equals the base UNet)
         zero_convs = [m for n, m in patch.named_modules() if "zero" in n and isinstance(m, torch.nn.Conv2d)]
         assert zero_convs and all(float(m.weight.abs().max()) == 0.0 for m in zero_convs)
@@ -33,8 +33,8 @@ def test_pinned_decisions(tmp_path, force):
     assert bool((unsafe > 0.99).all()) if force == "on" else bool((unsafe < 0.01).all())
 
     safectrl = SafeCtrl.from_pretrained(tmp_path / "safectrl", backbone.unet)
-    feats = torch.randn(2, 64, int(safectrl.config["feature_dim"]), generator=g)
+    feats = torch.randn(2, 64, int(safectrl.config.feature_dim), generator=g)
     with torch.no_grad():
         _, mask = safectrl.uab(feats)
-    tau = float(safectrl.config["mask_threshold"])
+    tau = float(safectrl.config.mask_threshold)
     assert bool((mask > 0.99).all()) if force == "on" else float(mask.max()) < tau

@@ -32,7 +32,7 @@ def parts():
     import copy
 
     from export.families import load_backbone
-    from export.guards.safectrl import SafeCtrl
+    from guards.safectrl import SafeCtrl
 
     torch.set_num_threads(1)
     backbone = load_backbone(MODEL)
@@ -73,9 +73,9 @@ def reference_generate(backbone, safectrl, prompt: str, seed: int, steps: int = 
     ids = pipe.tokenizer(["", prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     ext = SafeCtrlExtension(safectrl, (16, 16))
-    start = int(math.ceil(safectrl.config["start_step_fraction"] * steps - 1e-9))
+    start = int(math.ceil(safectrl.config.start_step_fraction * steps - 1e-9))
     state = torch.zeros(2, 1, 16, 16)
-    latch, latched = safectrl.config.get("latch_threshold"), None
+    latch, latched = safectrl.config.latch_threshold, None
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
         for i, t in enumerate(sched.timesteps):
@@ -90,7 +90,7 @@ def reference_generate(backbone, safectrl, prompt: str, seed: int, steps: int = 
                 held = torch.where(cond_mask >= latch, cond_mask, torch.zeros_like(cond_mask))
                 latched = held if latched is None else torch.maximum(latched, held)
                 cond_mask = torch.maximum(cond_mask, latched)
-            uncond_mask = cond_mask if safectrl.config["blend_uncond"] else torch.zeros_like(cond_mask)
+            uncond_mask = cond_mask if safectrl.config.blend_uncond else torch.zeros_like(cond_mask)
             state = torch.cat([uncond_mask, cond_mask])
             uncond, cond = eps.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
@@ -112,7 +112,7 @@ def test_zero_mask_bit_identical_pytorch(parts):
     backbone, safectrl, base = parts
     x, t, emb = _inputs(backbone)
     ext = SafeCtrlExtension(safectrl, (16, 16))
-    tau = float(safectrl.config["mask_threshold"])
+    tau = float(safectrl.config.mask_threshold)
     with torch.no_grad():
         want = base(x, t.expand(2), encoder_hidden_states=emb, return_dict=False)[0]
         for mask, active in ((torch.zeros(2, 1, 16, 16), 1.0), (torch.full((2, 1, 16, 16), 0.9), 0.0),
@@ -136,12 +136,13 @@ def test_blend_layers_choose_where_the_guidance_branch_runs(parts):
     """``blend_layers`` picks the attn2 layers with W_K'/W_V'. The detect layer always gets a processor (it
     captures the detector's features) but, outside blend_layers, holds no weights and stays the stock
     attention under any mask; a layer that is not an attn2 processor is refused with the choices named."""
-    from export.guards.safectrl import SafeCtrl, SafeCtrlExtension, _safe_name
+    from export.guards.safectrl import SafeCtrlExtension
+    from guards.safectrl import SafeCtrl, _safe_name
 
     backbone, safectrl, base = parts
-    detect = safectrl.config["detect_layer"]
+    detect = safectrl.config.detect_layer
     blended = [p.name for p in safectrl.processors.values() if p.blend]
-    assert blended == safectrl.config["blend_layers"] and len(blended) >= 1
+    assert blended == safectrl.config.blend_layers and len(blended) >= 1
     assert {p.name for p in safectrl.processors.values()} == set(blended) | {detect}
     for proc in safectrl.processors.values():
         assert (len(list(proc.parameters())) > 0) == proc.blend  # W_K'/W_V' only where it blends
@@ -209,7 +210,7 @@ def test_blended_attention_equals_explicit_blend(parts):
     """The non-detect layers of the exported graph blend inside one attention over both key sets (each set's
     probabilities scaled by 1 - m and m): the explicit processor's ``Z (1 - m) + Z' m``, for soft masks, masks
     of exactly 0 (the plain attention) and exactly 1 (the safe one)."""
-    from export.guards.safectrl import SafeCtrlState
+    from guards.safectrl import SafeCtrlState
 
     backbone, safectrl, _ = parts
     modules = dict(backbone.unet.named_modules())
@@ -375,7 +376,7 @@ def test_host_blend_weight_is_the_methods_blend_weight(plan):
     PyTorch definition, active from the start step) of the mask it feeds alongside, all zeros exactly at the
     steps that do not blend (those that may run ``denoise_idle``); a bundle whose settings still name
     ``safectrl_active`` (the older contract) is refused."""
-    from export.guards.safectrl import SafeCtrl as SafeCtrlModule
+    from guards.safectrl import SafeCtrl as SafeCtrlModule, SafeCtrlConfig
     from runtime.errors import BundleError
     from runtime.guards.safectrl import SafeCtrl
     from runtime.pipeline import Pipeline
@@ -391,7 +392,8 @@ def test_host_blend_weight_is_the_methods_blend_weight(plan):
     guard.step_feeds = record
     steps = 10
     r = pipe.generate(UNSAFE, seed=0, steps=steps)
-    module = SafeCtrlModule({k: guard.config[k] for k in ("mask_threshold", "mask_gain")})
+    module = SafeCtrlModule(SafeCtrlConfig(mask_threshold=guard.config["mask_threshold"],
+                                           mask_gain=guard.config["mask_gain"]))
     start = guard.start_step(steps)
     for i, f in enumerate(fed):
         want = module.blend_weight(torch.from_numpy(f["safectrl_mask_prev"]), torch.tensor([float(i >= start)]))

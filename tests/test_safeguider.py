@@ -44,7 +44,7 @@ def torch_parts(tinyworld_dir):
 
     from export.families import load_backbone
     from export.graphs import TextStage
-    from export.guards.safeguider import SafeGuiderClassifier
+    from guards.safeguider import SafeGuiderClassifier
 
     torch.set_num_threads(1)
     bb = load_backbone(tinyworld_dir)

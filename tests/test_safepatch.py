@@ -41,7 +41,7 @@ def torch_parts(tinyworld_dir):
     import torch
 
     from export.families import load_backbone
-    from export.guards.safepatch import load
+    from guards.safepatch import load
 
     torch.set_num_threads(1)
     bb = load_backbone(tinyworld_dir)
@@ -63,11 +63,11 @@ def test_untrained_patch_is_bit_identical_in_pytorch(torch_parts):
     import torch
 
     from export.graphs import residual_shapes
-    from export.guards.safepatch import SafePatch
+    from guards.safepatch import SafePatch, SafePatchConfig
 
     bb = torch_parts[0]
     unet = bb.unet
-    patch = SafePatch.from_unet(unet, 128).eval()
+    patch = SafePatch.from_unet(unet, SafePatchConfig.for_unet(unet, 128)).eval()
     x, t, c, s = _inputs()
     with torch.no_grad():
         res = patch(x, t, c, s)
@@ -82,7 +82,8 @@ def test_untrained_patch_is_bit_identical_in_pytorch(torch_parts):
 
 def test_zero_residuals_in_onnxruntime(gpipe, base_pipe, torch_parts, tmp_path):
     """Denoise graph with zero residuals vs the plain denoise graph (ORT), and the untrained patch graph = 0."""
-    from export.guards.safepatch import SafePatch, export_patch
+    from export.guards.safepatch import export_patch
+    from guards.safepatch import SafePatch, SafePatchConfig
 
     bb = torch_parts[0]
     x, t, c, s = (a.numpy() for a in _inputs())
@@ -97,7 +98,8 @@ def test_zero_residuals_in_onnxruntime(gpipe, base_pipe, torch_parts, tmp_path):
 
     import onnxruntime as ort
 
-    path = export_patch(bb, SafePatch.from_unet(bb.unet, 128), tmp_path / "safepatch.onnx")["path"]
+    untrained = SafePatch.from_unet(bb.unet, SafePatchConfig.for_unet(bb.unet, 128))
+    path = export_patch(bb, untrained, tmp_path / "safepatch.onnx")["path"]
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     outs = sess.run(None, {"sample": x, "timestep": t, "encoder_hidden_states": c, "instruction": s})
     assert all(not np.any(o) for o in outs)
@@ -125,10 +127,12 @@ def test_gate_head_matches_pytorch(gpipe, torch_parts):
     import torch
 
     from export.graphs import TextStage
+    from export.guards.safepatch import SafePatchGateHead
 
-    bb, _, gate, _ = torch_parts
+    bb, _, gate, config = torch_parts
     spec = bb.text_encoders[0]
-    stage = TextStage(bb.pipeline.text_encoder, eos_id=spec.eos_id, penultimate=False, pooled=False, heads=[gate])
+    head = SafePatchGateHead(gate, config.gate_output, len(config.categories) + 1)
+    stage = TextStage(bb.pipeline.text_encoder, eos_id=spec.eos_id, penultimate=False, pooled=False, heads=[head])
     ids = gpipe.tokenizer([BENIGN, UNSAFE]).input_ids
     with torch.no_grad():
         ref = stage.eval()(torch.from_numpy(ids))[2].numpy()
@@ -218,12 +222,12 @@ def _reference(torch_parts, prompt: str, seed: int, steps: int = 20, guidance: f
 
     with torch.no_grad():
         hidden, eos = encode(["", prompt])
-        probs = gate(hidden, eos)["safepatch_gate"][1]
-        active = float(1 - probs[0]) >= config["threshold"]
+        probs = gate(hidden, eos)[1]
+        active = float(1 - probs[0]) >= config.threshold
         inst = None
         if active:
-            category = config["categories"][int(probs[1:].argmax())]
-            inst = encode([config["instructions"][category]])[0]
+            category = config.categories[int(probs[1:].argmax())]
+            inst = encode([config.instructions[category]])[0]
         sched = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
         _, noise = initial_noise(seed, (1, 4, 16, 16))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(),
 
 @pytest.fixture(scope="module")
 def module():
-    from export.guards.saferedir import SafeRedir
+    from guards.saferedir import SafeRedir
 
     return SafeRedir.from_pretrained(WEIGHTS)
 
@@ -59,7 +59,7 @@ def test_manifest_entry(guarded):
 def test_redirect_graph_matches_module(guarded, module):
     import torch
 
-    c, ln, d = (module.config[k] for k in ("latent_channels", "max_length", "hidden_size"))
+    c, ln, d = module.config.latent_channels, module.config.max_length, module.config.hidden_size
     rng = np.random.default_rng(0)
     for b in (1, 3):
         feeds = {"latent": rng.standard_normal((b, c, 16, 16), dtype=np.float32),
@@ -173,7 +173,8 @@ def test_nan_redirect_graph_fails_closed(saferedir_plan, module, tmp_path):
     import torch
 
     from export.families import load_backbone
-    from export.guards.saferedir import SafeRedir, export_redirect
+    from export.guards.saferedir import export_redirect
+    from guards.saferedir import SafeRedir
     from runtime.backends import OrtEngine
 
     broken = SafeRedir(module.config)

@@ -226,25 +226,21 @@ def test_build_profiles_load_and_are_consistent():
         assert p["family"] == name
         assert parse_batch(p["batch"]) == (1, 1, 4)
         assert set(p["precision"]) == {"text_encoder", "denoise", "redirect", "vae_decoder"}
-        assert p["image"]["height"] % p["latent_factor"] == 0
-    assert profiles["sd1"]["image"] == {"height": 512, "width": 512}
-    assert profiles["sd2"]["image"] == {"height": 768, "width": 768}
+        assert "image" not in p  # the image size is the model's own (export/build.py)
     assert profiles["sd2"]["prediction_type"] == "v_prediction"
-    assert profiles["sd2"]["variants"]["base"] == {"image": {"height": 512, "width": 512}, "prediction_type": "epsilon"}
-    assert profiles["sdxl"]["image"] == {"height": 1024, "width": 1024}
     for name in ("sd1", "sd2", "sdxl"):
         assert profiles[name]["latent_factor"] == 8 and profiles[name]["tokenizer_max_length"] == 77
         assert profiles[name]["precision"]["text_encoder"] == profiles[name]["precision"]["denoise"] == "fp16"
     assert profiles["sd1"]["precision"]["vae_decoder"] == profiles["sd2"]["precision"]["vae_decoder"] == "fp16"
     assert profiles["sdxl"]["precision"]["vae_decoder"] == "fp32"  # SDXL's VAE overflows in FP16
     tiny = profiles["tinyworld"]
-    assert tiny["image"] == {"height": 64, "width": 64}
+    assert tiny["match"] == {"vae_scale_factor": 4, "sample_size": 16, "text_max_length": 16}
     assert tiny["latent_factor"] == 4 and tiny["tokenizer_max_length"] == 16
     assert set(tiny["precision"].values()) == {"fp32"}
     assert tiny["defaults"] == {"steps": 20, "guidance_scale": 5.0, "scheduler": "ddim"}
     # a profile gives profile_from_flags everything it needs
-    prof = profile_from_flags(DENOISE_SPEC[:2], batch=tiny["batch"], height=tiny["image"]["height"],
-                              width=tiny["image"]["width"], latent_factor=tiny["latent_factor"])
+    prof = profile_from_flags(DENOISE_SPEC[:2], batch=tiny["batch"], height=64, width=64,
+                              latent_factor=tiny["latent_factor"])
     assert prof["sample"][2] == (8, 4, 16, 16)
 
 
@@ -254,6 +250,12 @@ def test_load_build_profile_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**load_build_profile("sd1"), "precision": {"denoise": "int8"}}))
     with pytest.raises(ValueError, match="int8"):
+        load_build_profile(bad)
+    bad.write_text(json.dumps({**load_build_profile("sd1"), "image": {"height": 512, "width": 512}}))
+    with pytest.raises(ValueError, match="the image size is the model's own"):
+        load_build_profile(bad)
+    bad.write_text(json.dumps({**load_build_profile("sd1"), "match": {"colour": "red"}}))
+    with pytest.raises(ValueError, match="match key.*colour"):
         load_build_profile(bad)
 
 

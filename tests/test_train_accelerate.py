@@ -34,9 +34,9 @@ def test_safeguider_two_processes(tmp_path, tinyworld_dir):
                            "--model", str(tinyworld_dir), "--out", str(out), "--prompts", "200", "--epochs", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from export.guards.safeguider import SafeGuiderClassifier
+    from guards.safeguider import SafeGuiderClassifier
 
     model = SafeGuiderClassifier.from_pretrained(out)
-    assert model.config["hidden_size"] == 128
+    assert model.config.hidden_size == 128
     log = json.loads((out / "train_log.json").read_text())
     assert log["recipe"]["processes"] == 2 and len(log["history"]) == 2

@@ -3,8 +3,8 @@
 ``python -m train random-init --guard safepatch|safectrl --model DIR --out DIR [--force on|off]``: an untrained
 UNet-side guard at the backbone's size, published initialisation (for latency; :mod:`train.random_init`).
 
-Each guard's trainer is ``train/<guard>/`` with ``add_arguments(parser)`` and ``main(args) -> int`` in its
-``cli.py``; this file only dispatches (:data:`GUARD_TRAINERS`).
+Each guard of the registry (:data:`guards.GUARDS`) has its trainer in ``train/<guard>/``, with
+``add_arguments(parser)`` and ``main(args) -> int`` in its ``cli.py``; this file only dispatches.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from guards import GUARDS  # noqa: E402
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tinyworld"
-GUARD_TRAINERS = ("safeguider", "saferedir", "safepatch", "safectrl")
 
 
 def _tinyworld(sub: argparse._SubParsersAction) -> None:
@@ -64,19 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train")
     sub = parser.add_subparsers(dest="command", required=True)
     _tinyworld(sub)
-    for guard in GUARD_TRAINERS:
-        try:
-            cli = importlib.import_module(f"train.{guard}.cli")
-        except ModuleNotFoundError as e:
-            if e.name not in (f"train.{guard}", f"train.{guard}.cli"):
-                raise
-            continue
+    for guard in GUARDS:
+        cli = importlib.import_module(f"train.{guard}.cli")
         cli.add_arguments(sub.add_parser(guard, help=cli.__doc__.strip().splitlines()[0]))
     from . import random_init
     random_init.add_arguments(sub.add_parser("random-init", help=random_init.__doc__.strip().splitlines()[0]))
     args = parser.parse_args(argv)
 
-    if args.command in GUARD_TRAINERS:
+    if args.command in GUARDS:
         return importlib.import_module(f"train.{args.command}.cli").main(args)
     if args.command == "random-init":
         return random_init.main(args)

@@ -3,7 +3,7 @@
     python -m train random-init --guard safepatch --model .cache/sd15-architecture \\
         --out .cache/sd15-guards/safepatch_on/sd15-architecture/safepatch --force on
 
-Writes ``config.json`` + ``model.safetensors`` in the layout the guard's ``export.guards.<guard>.load`` /
+Writes ``config.json`` + ``model.safetensors`` in the layout the guard's ``guards.<guard>.load`` /
 ``from_pretrained`` reads, so ``python -m export build --guards <guard> --guard-dir ROOT`` builds a bundle of
 real size without any training (e.g. the real SD 1.5 architecture with random weights, ``make
 bench-sd15-guards``). Initialisation as published:
@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-GUARDS = ("safepatch", "safectrl")
+UNET_GUARDS = ("safepatch", "safectrl")  # the guards it can size from a UNet
 LOGIT = 8.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guard", choices=GUARDS, required=True)
+    p.add_argument("--guard", choices=UNET_GUARDS, required=True)
     p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder) the guard is sized from")
     p.add_argument("--out", type=Path, required=True, help="writes config.json + model.safetensors here")
     p.add_argument("--force", choices=("on", "off"), default=None,
@@ -74,32 +74,32 @@ def _force_mask(uab, on: bool) -> None:
 
 
 def main(args) -> int:
-    import torch
-
     from export.families import BackboneError, load_backbone
+    from train.loop import seed_everything
 
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     try:
         backbone = load_backbone(args.model)
     except BackboneError as e:
         print(f"error: {e}")
         return 2
     unet = backbone.unet
-    meta = {"random_init": {"model": str(args.model), "force": args.force, "seed": args.seed}}
+    provenance = {"random_init": {"model": str(args.model), "force": args.force, "seed": args.seed}}
     if args.guard == "safepatch":
-        from export.guards.safepatch import SafePatch, SafePatchGate, save
+        from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save
 
-        text_dim = backbone.text_encoders[0].hidden_size
-        patch, gate = SafePatch.from_unet(unet, text_dim), SafePatchGate(text_dim)
+        config = SafePatchConfig.for_unet(unet, backbone.text_encoders[0].hidden_size, training=provenance)
+        patch, gate = SafePatch.from_unet(unet, config), SafePatchGate(config)
         if args.force:
             _force_gate(gate, args.force == "on")
-        save(patch, gate, args.out, meta)
+        save(patch, gate, args.out)
         size = f"{patch.num_parameters():,} patch parameters"
     else:
-        from export.guards.safectrl import DEFAULT_CONFIG, SafeCtrl
+        from guards.safectrl import SafeCtrl, SafeCtrlConfig
 
-        attn = dict(unet.named_modules())[DEFAULT_CONFIG["detect_layer"].rsplit(".processor", 1)[0]]
-        safectrl = SafeCtrl.for_unet(unet, feature_dim=attn.to_q.in_features + attn.to_v.out_features, **meta)
+        attn = dict(unet.named_modules())[SafeCtrlConfig.detect_layer.rsplit(".processor", 1)[0]]
+        safectrl = SafeCtrl.for_unet(unet, feature_dim=attn.to_q.in_features + attn.to_v.out_features,
+                                     training=provenance)
         if args.force:
             _force_mask(safectrl.uab, args.force == "on")
         safectrl.save_pretrained(args.out)

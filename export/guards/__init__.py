@@ -1,15 +1,11 @@
-"""Guards at export time: each guard's PyTorch module and how it enters the bundle.
+"""Guards at export time: how each guard's trained modules (``guards/<name>.py``) enter the bundle.
 
-One module per guard (``export/guards/<name>.py``). Its modules (``nn.Module``, config-driven, saved as
-``config.json`` + ``model.safetensors``) are defined here, not in ``train/``, because the exporter must load
-them and export never imports train; ``train/`` imports them to train them.
-
-Each guard module has ``prepare(backbone, weights_dir: Path, image_hw=None) -> GuardParts`` (``image_hw``: the
-build's image size in pixels, None = the backbone's native size; for state shaped like the latent), saying what
-it adds:
+One module per guard (``export/guards/<name>.py``), in the registry's order (:data:`guards.GUARDS`). Each has
+``prepare(backbone, weights_dir: Path, image_hw=None) -> GuardParts`` (``image_hw``: the build's image size in
+pixels, None = the backbone's native size; for state shaped like the latent), saying what it adds:
 
 - ``text_heads``: :class:`~export.graphs.TextHead` modules fused into the first text-stage graph
-  (SafeGuider's EOS classifier -> output ``safe_score``);
+  (SafeGuider's EOS classifier -> output ``safe_score``, SafePatch's gate);
 - ``residual_inputs`` / ``extensions``: ControlNet-style residual inputs of the denoise graph and
   :class:`~export.graphs.DenoiseExtension` modules fused into it (SafePatch's inputs, SafeCtrl's blocks);
 - ``graphs``: callables ``(out_dir: Path, common: dict) -> spec`` exporting the guard's own graphs
@@ -18,8 +14,8 @@ it adds:
 - ``idle_extensions``: the guard's part of the idle denoise graph (``denoise_idle``, ``export/idle.py``): what the
   full graph computes when the guard's step inputs are zero (SafePatch: nothing, its residual inputs dropped;
   SafeCtrl: the detector and mask state without the blend branch and ``safectrl_blend``);
-- ``config``: the guard's manifest entry (thresholds, beam width, check steps, EMA alpha, which graph it
-  uses...), read by ``runtime/guards/<name>.py``.
+- ``config``: the guard's manifest entry, read by ``runtime/guards/<name>.py``: its run-time settings from its
+  config (``GuardConfig.runtime()``, no defaults here) plus the names of the graphs and tensors it uses.
 
 Trained weights live by default in ``models/guards/<model folder name>/<guard>/`` (see :func:`weights_dir`).
 """
@@ -31,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from guards import GUARDS
+from guards.config import ConfigError
 from runtime.errors import BadInputError
-
-GUARDS = ("safeguider", "saferedir", "safepatch", "safectrl")
 
 
 @dataclass
@@ -57,7 +53,7 @@ def weights_dir(model: Path, guard: str, root: Path | None = None) -> Path:
 
 def prepare(names: list[str], backbone, model: Path, root: Path | None = None,
             image_hw: tuple[int, int] | None = None) -> dict[str, GuardParts]:
-    """Load every named guard's weights for ``backbone``: ``{name: GuardParts}`` in GUARDS order. ``image_hw``:
+    """Load every named guard's weights for ``backbone``: ``{name: GuardParts}`` in registry order. ``image_hw``:
     the build's image size (pixels), passed to every guard's ``prepare``; None means the backbone's native size."""
     parts = {}
     for name in GUARDS:
@@ -67,5 +63,8 @@ def prepare(names: list[str], backbone, model: Path, root: Path | None = None,
         if not (d / "config.json").is_file():
             raise BadInputError(f"--guards {name}: no trained weights in {d} (config.json missing): train them "
                                 f"with `python -m train {name} --model {model} --out {d}` or pass --guard-dir")
-        parts[name] = importlib.import_module(f"export.guards.{name}").prepare(backbone, d, image_hw=image_hw)
+        try:
+            parts[name] = importlib.import_module(f"{__name__}.{name}").prepare(backbone, d, image_hw=image_hw)
+        except ConfigError as e:
+            raise BadInputError(f"--guards {name}: {e}") from None
     return parts

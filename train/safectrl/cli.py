@@ -11,6 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from guards.safectrl import SafeCtrlConfig
+from train.options import add_config_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("models/tinyworld"))
@@ -44,12 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the cross-attention layers with a Safety Guidance Block: 'all' or a comma list of module "
                         "prefixes (default: tinyworld's two up-path layers at 1/2 resolution; each blended layer "
                         "costs graph time on every blending step)")
-    p.add_argument("--start-step-fraction", type=float, default=0.2,
-                   help="suppression from step ceil(F * steps) (run-time config; chosen by a reference sweep)")
-    p.add_argument("--mask-threshold", type=float, default=0.07, help="tau of the hard threshold (run-time config)")
-    p.add_argument("--mask-gain", type=float, default=10.0, help="blend weight min(1, gain * M_bar) above tau")
-    p.add_argument("--latch-threshold", type=float, default=0.5,
-                   help="run-time hysteresis: pixels whose smoothed mask reached it keep blending (run-time config)")
+    add_config_options(p, SafeCtrlConfig, {  # run-time settings, written into the config
+        "start_step_fraction": "suppression from step ceil(F * steps)",
+        "mask_threshold": "tau of the hard threshold",
+        "mask_gain": "blend weight min(1, gain * M_bar) above tau",
+        "latch_threshold": "hysteresis: pixels whose smoothed mask reached it keep blending"})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export.guards.safectrl import CATEGORIES
+from guards import CATEGORIES
 from train.tinyworld.data import counterfactual_pairs, render_scenes
 from train.tinyworld.world import sample_split
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm import tqdm
 
-from export.guards.safectrl import DetectorFeaturesReady, SafeCtrl
+from guards.safectrl import DetectorFeaturesReady, SafeCtrl
+from train.loop import lr_schedule, resume as resume_from, save_checkpoint, setup
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,47 +119,31 @@ def evaluate_masks(unet, safectrl, scheduler, data, ts=(200, 400, 600), seed=123
 # the loops
 # ---------------------------------------------------------------------------------------------------
 
-def _checkpoint(path: Path, module, opt, step, log):
-    """``module``: what the stage trains (stage 1 the Unsafe Attention Block, stage 2 the processors), so a
-    stage-1 checkpoint resumes under another choice of blend layers."""
-    torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, path)
-
-
-def _resume(path: Path, module, opt):
-    if not path.is_file():
-        return 0, []
-    ck = torch.load(path, weights_only=False)
-    module.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    return ck["step"], ck["log"]
-
-
-def train_stage1(safectrl, feats: dict, *, steps, batch, lr, lambda_ce, lambda_mse, latent_hw, ckpt: Path,
+def train_stage1(acc, safectrl, feats: dict, *, steps, batch, lr, lambda_ce, lambda_mse, latent_hw, ckpt: Path,
                  resume: bool, seed=0) -> list:
-    acc = Accelerator(cpu=True)
-    params = list(safectrl.uab.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    start, log = _resume(ckpt, safectrl.uab, opt) if resume else (0, [])
+    """Trains the Unsafe Attention Block only (its checkpoint holds nothing else: it resumes under another
+    choice of blend layers)."""
+    opt = torch.optim.AdamW(safectrl.uab.parameters(), lr=lr, weight_decay=1e-2)
+    sched = lr_schedule(opt, steps)
+    start, log, _ = resume_from(ckpt, safectrl.uab, opt, sched) if resume else (0, [], {})
     uab, opt = acc.prepare(safectrl.uab, opt)
     g = torch.Generator().manual_seed(seed + start)
     n = len(feats["feats"])
     bar = tqdm(range(start, steps), desc="stage1 UAB", initial=start, total=steps, mininterval=2.0)
     for step in bar:
         idx = torch.randint(0, n, (batch,), generator=g)
-        lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr_now
         loss, ce, mse = stage1_loss(safectrl, feats["feats"][idx], feats["mask"][idx], feats["category"][idx],
                                     latent_hw, lambda_ce, lambda_mse)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
+        sched.step()
         if step % 50 == 0 or step == steps - 1:
             log.append({"stage": 1, "step": step, "loss": round(loss.item(), 5), "ce": round(ce.item(), 5),
                         "mse": round(mse.item(), 5)})
             bar.set_postfix(ce=f"{ce.item():.4f}", mse=f"{mse.item():.4f}")
         if (step + 1) % 200 == 0 or step == steps - 1:
-            _checkpoint(ckpt, safectrl.uab, opt, step + 1, log)
+            save_checkpoint(ckpt, safectrl.uab, opt, step + 1, log, sched)
     return log
 
 
@@ -191,12 +175,12 @@ def dpo_loss(unet, safectrl, scheduler, lat_w, lat_l, emb, mask, t, noise, beta,
     return loss, acc, diff_w.mean(), diff_l.mean(), err_redirect
 
 
-def train_stage2(unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, lr, beta, sft_weight, t_max,
+def train_stage2(acc, unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, lr, beta, sft_weight, t_max,
                  uncond_prob, ckpt: Path, resume: bool, seed=0) -> list:
-    acc = Accelerator(cpu=True)
-    params = list(safectrl.processors.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start, log = _resume(ckpt, safectrl.processors, opt) if resume else (0, [])
+    """Trains the Safety Guidance processors' W_K', W_V' only."""
+    opt = torch.optim.AdamW(safectrl.processors.parameters(), lr=lr, weight_decay=0.0)
+    sched = lr_schedule(opt, steps, warmup=20)
+    start, log, _ = resume_from(ckpt, safectrl.processors, opt, sched) if resume else (0, [], {})
     procs, opt = acc.prepare(safectrl.processors, opt)
     g = torch.Generator().manual_seed(seed + 1000 + start)
     n = len(pairs["lat_unsafe"])
@@ -208,22 +192,20 @@ def train_stage2(unet, safectrl, scheduler, pairs, empty_emb, *, steps, batch, l
         noise = torch.randn(pairs["lat_unsafe"][idx].shape, generator=g)
         emb = pairs["emb"][idx].clone()
         emb[torch.rand(batch, generator=g) < uncond_prob] = empty_emb  # the CFG unconditional row, also blended
-        warm = min(1.0, (step + 1) / 20)
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss, accuracy, dw, dl, red = dpo_loss(unet, safectrl, scheduler, pairs["lat_safe"][idx],
                                                pairs["lat_unsafe"][idx], emb, pairs["mask"][idx], t, noise, beta,
                                                sft_weight)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
+        sched.step()
         if step % 10 == 0 or step == steps - 1:
             log.append({"stage": 2, "step": step, "loss": round(loss.item(), 5), "reward_acc": round(accuracy.item(), 3),
                         "diff_w": round(dw.item(), 6), "diff_l": round(dl.item(), 6), "redirect": round(red.item(), 5),
                         "seconds": round(time.perf_counter() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy.item():.2f}", redirect=f"{red.item():.4f}")
         if (step + 1) % 25 == 0 or step == steps - 1:
-            _checkpoint(ckpt, safectrl.processors, opt, step + 1, log)
+            save_checkpoint(ckpt, safectrl.processors, opt, step + 1, log, sched)
     return log
 
 
@@ -243,8 +225,7 @@ def blend_layers(unet, spec: str) -> list[str]:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    acc = setup(args.seed, args.threads)
     from diffusers import DDPMScheduler
 
     from export.families import load_backbone
@@ -288,7 +269,7 @@ def run(args) -> dict:
         torch.save(feats, feat_path)
     timings["stage1_features_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    log = train_stage1(safectrl, feats, steps=args.stage1_steps, batch=args.stage1_batch, lr=args.stage1_lr,
+    log = train_stage1(acc, safectrl, feats, steps=args.stage1_steps, batch=args.stage1_batch, lr=args.stage1_lr,
                        lambda_ce=args.lambda_ce, lambda_mse=args.lambda_mse, latent_hw=tuple(data["pairs"]["mask"].shape[-2:]),
                        ckpt=work / "stage1.pt", resume=args.resume, seed=args.seed)
     timings["stage1_train_s"] = round(time.perf_counter() - t0, 1)
@@ -302,7 +283,7 @@ def run(args) -> dict:
     if args.stage2_steps > 0:
         with torch.no_grad():
             empty_emb = encode_prompts(pipe, [""])[0]
-        log += train_stage2(unet, safectrl, scheduler, data["pairs"], empty_emb, steps=args.stage2_steps,
+        log += train_stage2(acc, unet, safectrl, scheduler, data["pairs"], empty_emb, steps=args.stage2_steps,
                             batch=args.stage2_batch, lr=args.stage2_lr, beta=args.beta, sft_weight=args.sft_weight,
                             t_max=args.stage2_t_max, uncond_prob=args.uncond_prob, ckpt=work / "stage2.pt",
                             resume=args.resume, seed=args.seed)

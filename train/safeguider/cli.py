@@ -27,18 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
 
 
 def main(args) -> int:
     import torch
 
     from export.families import BackboneError, load_backbone
+    from train.loop import setup
 
     from .data import csv_prompts, deletion_variants, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
     from .train import fit
 
-    torch.set_num_threads(1)
+    accelerator = setup(args.seed, threads=1)
     try:
         backbone = load_backbone(args.model)
     except BackboneError as e:
@@ -70,7 +71,7 @@ def main(args) -> int:
             "prompts": len(rows), "train_prompts": len(train_rows), "val_prompts": len(val_rows),
             "unsafe_prompts": sum(1 for _, label in rows if label == 0), "seed": args.seed,
             "deletion_variants": augmented}
-    log = fit(tx, ty, vx, vy, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    log = fit(accelerator, tx, ty, vx, vy, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
               momentum=args.momentum, seed=args.seed, resume=args.resume, meta=meta)
     print(f"safeguider: train acc {log['train'].get('accuracy', 0):.4f}, val acc {log['val'].get('accuracy', 0):.4f} "
           f"({len(val_rows)} held-out prompts) -> {args.out}")

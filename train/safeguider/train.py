@@ -1,7 +1,7 @@
 """The published SafeGuider recipe in one accelerate loop: SGD lr 1e-3, momentum 0.9, batch 32, 50 epochs, CE.
 
 Runs single-process or under ``accelerate launch`` (the data loader is sharded, gradients are all-reduced);
-the main process writes checkpoints (``<out>/checkpoint/``, every epoch; ``resume=True`` continues from it),
+the main process writes a checkpoint every epoch (``<out>/checkpoint.pt``; ``resume=True`` continues from it),
 validation accuracy per epoch, and at the end ``config.json`` + ``model.safetensors`` + ``train_log.json``.
 """
 
@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from export.guards.safeguider import SafeGuiderClassifier
+from guards.safeguider import SafeGuiderClassifier, SafeGuiderConfig
+from train.loop import resume as resume_from, save_checkpoint
 
 
 @torch.no_grad()
@@ -35,29 +36,20 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> dict:
     return out
 
 
-def fit(train_x, train_y, val_x, val_y, out: Path, *, epochs: int = 50, batch_size: int = 32, lr: float = 1e-3,
-        momentum: float = 0.9, seed: int = 0, resume: bool = False, meta: dict | None = None) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    # no GPU: cpu=True makes torchrun-launched processes (accelerate launch --multi_gpu) join as MULTI_CPU / gloo
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(seed)
+def fit(accelerator, train_x, train_y, val_x, val_y, out: Path, *, epochs: int = 50, batch_size: int = 32,
+        lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, resume: bool = False, meta: dict | None = None) -> dict:
+    """``accelerator``: from :func:`train.loop.setup` (which seeded the process before the model is made)."""
     out = Path(out)
-    ckpt = out / "checkpoint"
-    model = SafeGuiderClassifier(train_x.shape[1])
+    ckpt = out / "checkpoint.pt"
+    model = SafeGuiderClassifier(SafeGuiderConfig(hidden_size=train_x.shape[1]))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    start, history, _ = resume_from(ckpt, model, optimizer) if resume else (0, [], {})
+    if start:
+        accelerator.print(f"resumed from {ckpt} after epoch {start}")
     loader = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     criterion = torch.nn.CrossEntropyLoss()
-
-    start, history = 0, []
-    if resume and (ckpt / "progress.json").is_file():
-        accelerator.load_state(str(ckpt))
-        progress = json.loads((ckpt / "progress.json").read_text())
-        start, history = progress["epoch"], progress["history"]
-        accelerator.print(f"resumed from {ckpt} after epoch {start}")
 
     t0 = time.perf_counter()
     bar = tqdm(range(start, epochs), desc="safeguider", disable=not accelerator.is_local_main_process)
@@ -75,12 +67,10 @@ def fit(train_x, train_y, val_x, val_y, out: Path, *, epochs: int = 50, batch_si
         val = evaluate(accelerator.unwrap_model(model), val_x, val_y)
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), **{f"val_{k}": v for k, v in val.items()}})
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val_acc=f"{val.get('accuracy', float('nan')):.4f}")
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt))
         if accelerator.is_main_process:
-            (ckpt / "progress.json").write_text(json.dumps({"epoch": epoch + 1, "history": history}))
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, epoch + 1, history)
+        accelerator.wait_for_everyone()
 
-    accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     log = {"recipe": {"optimizer": "SGD", "lr": lr, "momentum": momentum, "batch_size": batch_size,
                       "epochs": epochs, "loss": "cross_entropy", "processes": accelerator.num_processes},

@@ -4,8 +4,8 @@
     python -m train safepatch --model models/tinyworld --out DIR --steps 700 --resume
     accelerate launch --num_processes 2 --cpu -m train safepatch --model ... --out ...
 
-Writes ``config.json`` + ``model.safetensors`` (see :mod:`export.guards.safepatch`), ``train_log.json`` and
-``checkpoint/`` (accelerate state, for ``--resume``). VAE latents and text embeddings of the patch examples
+Writes ``config.json`` + ``model.safetensors`` (see :mod:`guards.safepatch`), ``train_log.json`` and
+``checkpoint.pt`` (for ``--resume``). VAE latents and text embeddings of the patch examples
 are cached under ``--cache`` (default ``.cache/safepatch``).
 """
 
@@ -15,6 +15,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+from guards.safepatch import SafePatchConfig
+from train.options import add_config_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,13 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--proj-dim", type=int, default=64)
+    add_config_options(p, SafePatchConfig, {"proj_dim": "instruction projection width"})
     p.add_argument("--threshold", type=float, default=None,
                    help="gate: run the patch when 1 - p(none) >= this (default: calibrated on held-back "
                         "guard-split prompts, train.pick_threshold)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--gate-only", action="store_true", help="retrain only the gate; keep the patch in --out")
 
 
@@ -43,22 +46,22 @@ def main(args) -> int:
     import torch
 
     from export.families import BackboneError, load_backbone
-    from export.guards.safepatch import SafePatch, SafePatchGate, save
+    from guards.safepatch import SafePatch, SafePatchGate, save
+    from train.loop import setup
 
     from .data import gate_examples, patch_examples
     from .train import fit_gate, fit_patch, pick_threshold
 
-    torch.set_num_threads(1)
+    setup(args.seed, threads=1)
     start = time.time()
     try:
         backbone = load_backbone(args.model)
     except BackboneError as e:
         print(f"error: {e}")
         return 2
-    text_dim = backbone.text_encoders[0].hidden_size
+    config = SafePatchConfig.for_unet(backbone.unet, backbone.text_encoders[0].hidden_size, proj_dim=args.proj_dim)
 
-    torch.manual_seed(args.seed)
-    gate = SafePatchGate(text_dim)
+    gate = SafePatchGate(config)
     hidden, eos, labels, _ = gate_examples(backbone, args.gate_prompts, args.seed)
     n_val = len(labels) // 10
     gate_log = fit_gate(gate, (hidden[n_val:], eos[n_val:], labels[n_val:]),
@@ -67,26 +70,24 @@ def main(args) -> int:
         args.threshold = pick_threshold(gate_log)
     print(f"gate: {gate_log}, threshold {args.threshold}")
 
-    patch = SafePatch.from_unet(backbone.unet, text_dim, args.proj_dim)
-    meta = {"threshold": args.threshold,
-            "training": {"model": str(args.model), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                         "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
-                         "unsafe_triplets": args.unsafe, "benign_scenes": args.benign, "gate": gate_log}}
+    patch = SafePatch.from_unet(backbone.unet, config)
+    config = config.replace(threshold=args.threshold, training={
+        "model": str(args.model), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
+        "unsafe_triplets": args.unsafe, "benign_scenes": args.benign, "gate": gate_log})
     log_path = args.out / "train_log.json"
 
     def on_save(module, step, log):
-        save(module, gate, args.out, {**meta, "trained_steps": step})
+        save(module, gate, args.out, config.replace(trained_steps=step))
         log_path.write_text(json.dumps({"gate": gate_log, "patch": log}, indent=1) + "\n")
 
     if args.gate_only:  # keep the trained patch in --out, retrain and replace only the gate
-        from safetensors.torch import load_file
+        from guards.safepatch import load
 
-        state = load_file(str(args.out / "model.safetensors"))
-        patch.load_state_dict({k[6:]: v.float() for k, v in state.items() if k.startswith("patch.")})
-        old = json.loads((args.out / "config.json").read_text())
-        meta = {**meta, "training": {**old.get("training", {}), "gate": gate_log}}
+        patch, _, old = load(args.out)
+        config = old.replace(threshold=args.threshold, training={**old.training, "gate": gate_log})
         patch_log = json.loads(log_path.read_text()).get("patch", []) if log_path.is_file() else []
-        on_save(patch, old.get("trained_steps", 0), patch_log)
+        on_save(patch, old.trained_steps, patch_log)
         print(f"safepatch: gate retrained -> {args.out}")
         return 0
 

@@ -24,7 +24,8 @@ import random
 import numpy as np
 import torch
 
-from export.guards.safepatch import CATEGORIES, INSTRUCTIONS
+from guards import CATEGORIES
+from guards.safepatch import INSTRUCTIONS
 
 
 @torch.no_grad()

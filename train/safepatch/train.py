@@ -11,27 +11,19 @@ instruction names; for benign pairs the target is the prompt's own render, so it
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-
-def _schedule(optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+from guards.safepatch import SafePatchConfig
+from train.loop import lr_schedule, resume as resume_from, save_checkpoint, setup
 
 
 def fit_gate(gate, train: tuple, val: tuple, *, steps: int = 600, batch_size: int = 128, lr: float = 1e-3,
-             threshold: float = 0.5, seed: int = 0) -> dict:
+             threshold: float = SafePatchConfig.threshold, seed: int = 0) -> dict:
     """Minibatch AdamW CE on (hidden, eos, label) of guard-split prompts (seconds); train/val metrics."""
     (h, e, y), (vh, ve, vy) = train, val
     gen = torch.Generator().manual_seed(seed)
@@ -70,22 +62,19 @@ def pick_threshold(gate_log: dict, min_unsafe_fire: float = 0.995) -> float:
 def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int,
               lr: float, weight_decay: float, warmup: int, seed: int, resume: bool, save_every: int,
               on_save=None) -> list[dict]:
-    accelerator = Accelerator()
-    torch.manual_seed(seed)
+    accelerator = setup(seed)
     unet.requires_grad_(False).eval().to(accelerator.device)
     dataset = TensorDataset(data["latent"], data["prompt"], data["instruction"], data["kind"])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(patch.parameters(), lr=lr, weight_decay=weight_decay)
-    lr_sched = _schedule(optimizer, warmup, steps)
+    lr_sched = lr_schedule(optimizer, steps, warmup)
+    ckpt = out / "checkpoint.pt"
+    step, log, _ = resume_from(ckpt, patch, optimizer, lr_sched) if resume else (0, [], {})
+    if step:
+        accelerator.print(f"resumed at step {step}")
     patch, optimizer, loader, lr_sched = accelerator.prepare(patch, optimizer, loader, lr_sched)
     alphas = scheduler.alphas_cumprod.to(accelerator.device)
-    ckpt, log, step = out / "checkpoint", [], 0
-    if resume and (ckpt / "state.json").is_file():
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "state.json").read_text())
-        step, log = state["step"], state["log"]
-        accelerator.print(f"resumed at step {step}")
     bar = tqdm(total=steps, initial=step, desc="safepatch", disable=not accelerator.is_main_process, mininterval=5)
     t0, running = time.time(), {0: [], 1: [], 2: []}
     patch.train()
@@ -121,8 +110,7 @@ def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, 
             if step % save_every == 0 or step == steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    accelerator.save_state(str(ckpt))
-                    (ckpt / "state.json").write_text(json.dumps({"step": step, "log": log}))
+                    save_checkpoint(ckpt, accelerator.unwrap_model(patch), optimizer, step, log, lr_sched.scheduler)
                     if on_save is not None:
                         on_save(accelerator.unwrap_model(patch), step, log)
             if step >= steps:

@@ -10,12 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from guards.saferedir import SafeRedirConfig
+from train.options import add_config_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="backbone folder (diffusers layout)")
     p.add_argument("--out", type=Path, required=True, help="write config.json + model.safetensors + train_log.json")
-    p.add_argument("--cache", type=Path, default=Path(".cache/saferedir"), help="cached data and ckpt.pt")
-    p.add_argument("--resume", action="store_true", help="continue from <cache>/ckpt.pt")
+    p.add_argument("--cache", type=Path, default=Path(".cache/saferedir"), help="cached data and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from <cache>/stage1.pt, stage2.pt")
     p.add_argument("--prompts", type=int, default=150, help="guard-split prompts per class for trajectories")
     p.add_argument("--pairs", type=int, default=384, help="unsafe scenes with safe counterfactual renders")
     p.add_argument("--cls-steps", type=int, default=600)
@@ -28,10 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage 1: extra guard-split prompts per class seen with step-0 noise (a quarter of each batch)")
     p.add_argument("--prompt-dropout", type=float, default=0.3,
                    help="stage 1: share of samples whose prompt is replaced by the empty prompt (latent-only)")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--check-every", type=int, default=5, help="runtime: check the latent every N steps")
-    p.add_argument("--first-check", type=int, default=0, help="runtime: first step checked")
-    p.add_argument("--threshold", type=float, default=0.5, help="runtime: unsafe probability that triggers")
+    add_config_options(p, SafeRedirConfig, {
+        "alpha": "redirection strength",
+        "check_every": "runtime: check the latent every N steps",
+        "first_check": "runtime: first step checked",
+        "threshold": "runtime: unsafe probability that triggers"})
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")

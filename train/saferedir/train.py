@@ -1,6 +1,6 @@
 """SafeRedir training loop: stage 1 classifier CE on trajectory latents, stage 2 delta generator (classifier
 frozen) with the diffusion / teacher / identity / sparsity losses of ``losses.py``. One ``accelerate`` loop per
-stage; checkpoint every ``--ckpt-every`` steps to ``<cache>/ckpt.pt``; ``--resume`` continues from it."""
+stage; checkpoint every ``--ckpt-every`` steps to ``<cache>/stage<N>.pt``; ``--resume`` continues from them."""
 
 from __future__ import annotations
 
@@ -9,30 +9,23 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import DistributedDataParallelKwargs
 from tqdm import tqdm
 
-from export.guards.saferedir import SafeRedir
-from runtime.bundle import atomic_write
+from guards.saferedir import SafeRedir
+from guards.storage import atomic_path
+from train.loop import resume, save_checkpoint, setup
 
 from . import data as D
 from .losses import classifier_loss, redirect_loss
 
 WEIGHTS = {"dm": 1.0, "kd": 3.0, "id": 0.002, "mask_benign": 0.002, "mask": 0.0002, "scale": 0.0}
-"""Loss weights of stage 2 (a first run with id 1, mask_benign 0.1, mask 0.01, scale 0.001 collapsed the mask to 0 on
-every prompt within 50 steps: the diffusion terms are ~1e-2 and their differences far smaller, so the
-regularisers must be orders of magnitude lighter)."""
-
-
-def _save_ckpt(path: Path, model, opt, stage: int, step: int, log: list) -> None:
-    with atomic_write(path) as f:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "stage": stage, "step": step,
-                    "log": log}, f)
+"""Loss weights of stage 2: the regularisers orders of magnitude below the diffusion terms, or the mask collapses
+to 0 (bench/results/design_measurements.md)."""
 
 
 def fit(args) -> dict:
-    torch.set_num_threads(args.threads)
-    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = setup(args.seed, args.threads, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     from export.families import load_backbone
 
     backbone = load_backbone(args.model)
@@ -44,14 +37,9 @@ def fit(args) -> dict:
     with acc.main_process_first():
         d = D.build(pipe, args.cache, args.prompts, args.pairs, args.seed)
     data_s = time.perf_counter() - t0
-    model = SafeRedir.for_backbone(backbone, alpha=args.alpha)
-    model.config["runtime"] = {"check_every": args.check_every, "first_check": args.first_check,
-                               "threshold": args.threshold}
-    ckpt = Path(args.cache) / "ckpt.pt"
-    state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.is_file() else None
-    if state:
-        model.load_state_dict(state["model"])
-    log = state["log"] if state else []
+    model = SafeRedir.for_backbone(backbone, alpha=args.alpha, check_every=args.check_every,
+                                   first_check=args.first_check, threshold=args.threshold)
+    log = []
     g = torch.Generator().manual_seed(args.seed * 100 + acc.process_index)
 
     # held-out validation: the last 10% of prompts of each class (whole trajectories)
@@ -99,16 +87,14 @@ def fit(args) -> dict:
     alphas = pipe.scheduler.alphas_cumprod.float()
     metrics = {"data_seconds": round(data_s, 1)}
     for stage, total, lr, params in stages:
-        if state and state["stage"] > stage:
-            continue
-        start = state["step"] if state and state["stage"] == stage else 0
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        if state and state["stage"] == stage:
-            opt.load_state_dict(state["opt"])
+        ckpt = Path(args.cache) / f"stage{stage}.pt"
+        start, saved_log, _ = resume(ckpt, model, opt) if args.resume else (0, [], {})
+        log = saved_log if start else log
         wrapped, opt = acc.prepare(model, opt)
         wrapped.train()
         bar = tqdm(range(start, total), desc=f"stage {stage}", disable=not acc.is_local_main_process,
@@ -131,22 +117,19 @@ def fit(args) -> dict:
                 log.append({"stage": stage, "step": step, "loss": round(loss.item(), 5),
                             **{k: round(v, 5) for k, v in info.items()}})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if acc.is_main_process and (step + 1) % args.ckpt_every == 0:
-                _save_ckpt(ckpt, acc.unwrap_model(wrapped), opt, stage, step + 1, log)
+            if acc.is_main_process and ((step + 1) % args.ckpt_every == 0 or step + 1 == total):
+                save_checkpoint(ckpt, acc.unwrap_model(wrapped), opt, step + 1, log)
         model = acc.unwrap_model(wrapped)
-        if acc.is_main_process:
-            _save_ckpt(ckpt, model, opt, stage + 1, 0, log)
-        state = None
         model.eval()
 
     if acc.is_main_process:
         metrics.update(_validate_classifier(model, xs, ts, emb, labels, val_idx, args.threshold))
         metrics.update(_validate_redirect(model, unet, z0, e_u, emb[train_idx[benign_pool]], alphas))
         model.save_pretrained(args.out)
-        with atomic_write(Path(args.out) / "train_log.json") as f:
-            f.write(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "func"},
-                                "metrics": metrics, "log": log,
-                                "seconds": round(time.perf_counter() - t0, 1)}, indent=1).encode())
+        with atomic_path(Path(args.out) / "train_log.json") as tmp:
+            tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+                                       "metrics": metrics, "log": log,
+                                       "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
     return metrics
 
 
