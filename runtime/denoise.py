@@ -5,7 +5,7 @@ decoder: the numpy sampler (``runtime/schedulers.py``) calls :meth:`DenoiseLoop.
 which feeds the denoise graph the call's conditioning plus what the step guards add (``step_feeds``), combines
 the CFG halves, and hands the call's outputs to the guards' ``after_step`` hooks once the sampler has used the
 prediction (at the start of the next call, or after the loop), so their host work does not run on the caches
-the UNet has just evicted.
+the UNet has just evicted (bench/results/design_measurements.md).
 
 **Idle graph.** A bundle may carry ``denoise_idle`` (``export/idle.py``): the UNet without the guards' per-step
 inputs. A step runs it only when every input it lacks is all zeros, by value: the call's constant feeds are

@@ -215,7 +215,7 @@ class OrtEngine:
         chosen = select_providers(providers)
         options = ort.SessionOptions()
         # a spinning idle session steals the cores the next session's run needs (a pipeline runs several in
-        # turn; bench/results/runtime_design_measurements.md). GRT_ORT_SPINNING=1 restores ORT's default
+        # turn; bench/results/design_measurements.md). GRT_ORT_SPINNING=1 restores ORT's default
         if os.environ.get("GRT_ORT_SPINNING", "0") != "1":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -7,7 +7,7 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   With CFG one mask per image, the conditional row's (the unconditional row's own detection, on the empty
   prompt, is outside the detector's training distribution). It is fed to the conditional half; the
   unconditional half gets zeros (``blend_uncond: false``: that row stays the plain UNet, so CFG extrapolates
-  from it towards the suppressed conditional prediction; ``bench/results/runtime_design_measurements.md``) or
+  from it towards the suppressed conditional prediction; ``bench/results/design_measurements.md``) or
   the same mask (``blend_uncond: true``). And the blend weight made from it, ``safectrl_blend`` =
   ``min(1, mask_gain * (mask_prev >= mask_threshold) * mask_prev)`` from step index
   ``ceil(start_step_fraction * steps)`` on (the later, less noisy steps) where the fed mask reaches

@@ -75,9 +75,8 @@ def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 
 
     The SAFE beam search scores exactly such partial prompts, so the classifier must know them. A variant is
     safe iff no word of an unsafe phrase (:func:`unsafe_spans`) is left: a dangling "a small" or "at the" of
-    a deleted unsafe phrase still makes the base model draw the unsafe object (measured: with only the noun
-    deleted, 20-27% of images stayed unsafe), because in its training captions these fragments only ever came
-    with it. Per caption: ``per_prompt`` random deletions of 1..``max_deleted`` words, and for an unsafe
+    a deleted unsafe phrase still makes the base model draw the unsafe object (it only ever saw them with it;
+    bench/results/design_measurements.md). Per caption: ``per_prompt`` random deletions of 1..``max_deleted`` words, and for an unsafe
     caption also the variant without its unsafe phrases (safe) and the one without only the unsafe nouns
     (unsafe)."""
     rng = random.Random(f"safeguider-deletions:{seed}")
