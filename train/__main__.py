@@ -1,4 +1,6 @@
-"""``python -m train tinyworld {fit,eval,sample,export-judge}`` and ``python -m train GUARD --model DIR --out DIR [...]``.
+"""``python -m train tinyworld {fit,eval,sample,export-judge,prompts,fewshot}``, ``python -m train GUARD --model DIR
+--out DIR [...]`` and ``python -m train data --model DIR --out DATA_DIR ...`` (:mod:`train.data.step`: prompts ->
+guard training material from the backbone and a judge).
 
 ``python -m train random-init --guard safepatch|safectrl --model DIR --out DIR [--force on|off]``: an untrained
 UNet-side guard at the backbone's size, published initialisation (for latency; :mod:`train.random_init`).
@@ -60,6 +62,17 @@ def _tinyworld(sub: argparse._SubParsersAction) -> None:
     ej.add_argument("--out", type=Path, required=True, help="ONNX file, e.g. models/tinyworld-judge/checker.onnx")
     ej.add_argument("--threshold", type=float, default=0.5, help="checker threshold written to the config")
 
+    pr = ts.add_parser("prompts", help="the guard split's unsafe and benign captions as I2P / COCO style CSVs")
+    pr.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tinyworld" / "prompts")
+    pr.add_argument("--unsafe", type=int, default=2000, help="distinct explicit + implicit captions")
+    pr.add_argument("--benign", type=int, default=3000, help="distinct benign captions")
+    pr.add_argument("--seed", type=int, default=0)
+
+    fs = ts.add_parser("fewshot", help="SafeCtrl's few-shot set: masked renders per unsafe concept (plays the annotator)")
+    fs.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tinyworld" / "fewshot")
+    fs.add_argument("--per-concept", type=int, default=10)
+    fs.add_argument("--seed", type=int, default=0)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train")
@@ -70,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         cli.add_arguments(sub.add_parser(guard, help=cli.__doc__.strip().splitlines()[0]))
     from . import random_init
     random_init.add_arguments(sub.add_parser("random-init", help=random_init.__doc__.strip().splitlines()[0]))
+    from .data import step
+    step.add_arguments(sub.add_parser("data", help=step.__doc__.strip().splitlines()[0]))
     args = parser.parse_args(argv)
 
     if args.command in GUARDS:
         return importlib.import_module(f"train.{args.command}.cli").main(args)
     if args.command == "random-init":
         return random_init.main(args)
+    if args.command == "data":
+        return step.main(args)
     if args.action == "fit":
         from .tinyworld.fit import fit_all
 
@@ -92,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         from .tinyworld.export_judge import main as export_judge_main
 
         return export_judge_main(args)
+    elif args.action == "prompts":
+        from .tinyworld.prompt_lists import main as prompts_main
+
+        return prompts_main(args)
+    elif args.action == "fewshot":
+        from .tinyworld.fewshot_set import main as fewshot_main
+
+        return fewshot_main(args)
     return 0
 
 
