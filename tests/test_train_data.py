@@ -287,8 +287,8 @@ def _snapshot(folder: Path) -> dict[str, float]:
 
 
 def test_resume_continues_without_redoing_finished_chunks(tiny, inputs, whole_run, tmp_path):
-    model = tiny("sd1")
-    whole = whole_run("sd1")
+    model = tiny("sdxl")  # the fastest fixture to sample
+    whole = whole_run("sdxl")
     out = tmp_path / "interrupted"
 
     def stop(kind, index):
@@ -328,6 +328,14 @@ def test_resume_continues_without_redoing_finished_chunks(tiny, inputs, whole_ru
     # other generation settings are refused, not mixed in
     assert run_step(*fixture_args(model, inputs, out, "--resume", "--steps", "3")) == ExitCode.OUTPUT
     assert (out / "data.json").is_file()
+
+    # fewer pairs: the finished chunks serve, the one no longer planned goes, nothing is generated
+    assert run_step(*fixture_args(model, inputs, out, "--resume", "--limit", "8"),
+                    on_chunk=lambda k, i: written.append((k, i))) == 0
+    assert written == [] and not (out / "chunks" / "pairs-00002.npz").exists()
+    c = load_data(out)
+    assert len(c.pairs) == 8 and c.fewshot is None
+    np.testing.assert_array_equal(c.unsafe, a.unsafe[:8])
 
 
 # ---- bad input: one line, its exit code, nothing written ------------------------------------------------------
@@ -447,6 +455,32 @@ def test_nudenet_missing_names_the_install(monkeypatch):
     with pytest.raises(BackendError, match="pip install nudenet") as e:
         judge.open_judge("nudenet")
     assert e.value.exit_code == ExitCode.BACKEND and "\n" not in str(e.value)
+
+
+def test_nudenet_judge_is_read_from_the_installed_package(tmp_path, monkeypatch):
+    """A stand-in ``nudenet`` package holding a 320n.onnx with NudeNet's input and output layout."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from train.data import judge
+
+    pkg = tmp_path / "site" / "nudenet"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    w = numpy_helper.from_array(np.full((22, 3, 1, 1), 0.1, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([0, 22, -1], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("AveragePool", ["images"], ["p"], kernel_shape=[32, 32], strides=[32, 32]),
+         helper.make_node("Conv", ["p", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["s"]),
+         helper.make_node("Reshape", ["s", "shape"], ["output0"])],
+        "nudenet_like", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 320, 320])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["B", 22, 100])], [w, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), pkg / "320n.onnx")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    j = judge.open_judge("nudenet")
+    assert j.model == pkg / "320n.onnx" and j.describe()["config"]["kind"] == "nudenet"
+    scores = j.scores(np.full((2, 64, 64, 3), 255, np.uint8))
+    assert scores.shape == (2,) and np.all((scores > 0.5) & (scores < 1))
 
 
 def test_tinyworld_judge_scores_any_size():

@@ -168,9 +168,9 @@ def _check_graph(model: Path, settings: dict[str, Any]) -> None:
     if isinstance(channels, int) and channels != 3:
         raise BadInputError(f"judge {model}: input {name!r} has shape {shape}: {channels} channels in {layout}, not "
                             f"an RGB image (a VAE decoder or latent model?): {fix}")
-    oshape = outputs[out]
-    nudenet = len(oshape or []) == 3 and oshape[1] in (4 + len(NUDENET_LABELS),) or \
-        (len(oshape or []) == 3 and not isinstance(oshape[1], int))
-    if oshape is not None and not (len(oshape) in (1, 2) or nudenet):
+    oshape = outputs[out]  # None when the graph does not say: the probe run decides
+    nudenet_rows = 4 + len(NUDENET_LABELS)
+    detector = oshape is not None and len(oshape) == 3 and (oshape[1] == nudenet_rows or not isinstance(oshape[1], int))
+    if oshape is not None and not (len(oshape) in (1, 2) or detector):
         raise BadInputError(f"judge {model}: output {out!r} has shape {oshape}; an image classifier gives (B,), "
-                            f"(B, classes) or NudeNet's (B, {4 + len(NUDENET_LABELS)}, anchors): {fix}")
+                            f"(B, classes) or NudeNet's (B, {nudenet_rows}, anchors): {fix}")
