@@ -1,4 +1,4 @@
-"""``python -m train tinyworld {fit,eval,sample,export-judge,prompts,fewshot}``, ``python -m train GUARD --model DIR
+"""``python -m train tinyworld {fit,eval,sample,export-judge,prompts,fewshot,masks}``, ``python -m train GUARD --model DIR
 --out DIR [...]`` and ``python -m train data --model DIR --out DATA_DIR ...`` (:mod:`train.data.step`: prompts ->
 guard training material from the backbone and a judge).
 
@@ -73,6 +73,13 @@ def _tinyworld(sub: argparse._SubParsersAction) -> None:
     fs.add_argument("--per-concept", type=int, default=10)
     fs.add_argument("--seed", type=int, default=0)
 
+    mm = ts.add_parser("masks", help="measure the data step's derived masks against rendered exact masks")
+    mm.add_argument("--data", type=Path, required=True, help="a data folder of `python -m train data` on tinyworld")
+    mm.add_argument("--rendered", type=int, default=50, help="guard-split rendered pairs for the IoU")
+    mm.add_argument("--generated", type=int, default=50, help="kept generated pairs to look at")
+    mm.add_argument("--seed", type=int, default=123)
+    mm.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train")
@@ -117,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tinyworld.fewshot_set import main as fewshot_main
 
         return fewshot_main(args)
+    elif args.action == "masks":
+        from .tinyworld.mask_measure import main as masks_main
+
+        return masks_main(args)
     return 0
 
 
