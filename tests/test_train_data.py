@@ -162,6 +162,22 @@ def test_derived_mask_closing_and_opening():
     assert masks_mod.derived_masks(unsafe, safe, np.array([False])).sum() == 0
 
 
+def test_difference_rule_recovers_rendered_masks():
+    """The measurement behind train/data/README.md's mask figures (the renderer only inside the measurement):
+    on rendered guard-split pairs the derived mask matches the exact one."""
+    from train.tinyworld.data import counterfactual_pairs
+    from train.tinyworld.mask_measure import components, iou
+
+    m = np.zeros((8, 8), bool)
+    m[0:2, 0:2] = m[5:7, 5:8] = m[3, 3] = True
+    assert components(m) == 3 and components(np.zeros((4, 4), bool)) == 0
+    m[2, 2] = True                       # joins (1, 1) and (3, 3) diagonally
+    assert components(m) == 2
+    cp = counterfactual_pairs("guard", 20, 123, mode="remove")
+    derived = masks_mod.derived_masks(cp.unsafe, cp.safe, np.ones(20, bool)).astype(bool)
+    assert np.mean([iou(a, b) for a, b in zip(derived, cp.mask)]) > 0.8
+
+
 def test_fewshot_folder_reads_and_refuses_more_than_ten(tmp_path):
     fs = masks_mod.read_fewshot(FEWSHOT, (32, 32))
     assert fs["image"].shape == (30, 32, 32, 3) and fs["mask"].shape == (30, 32, 32)
