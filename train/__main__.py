@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from guards import GUARDS  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tinyworld"
+TINYWORLD_ACTIONS = {"eval": ("evaluate", "main"), "sample": ("evaluate", "sample_main"),
+                     "export-judge": ("export_judge", "main"), "prompts": ("prompt_lists", "main"),
+                     "fewshot": ("fewshot_set", "main"), "masks": ("mask_measure", "main")}
+"""``python -m train tinyworld <action>`` (all but ``fit``) -> (module of train.tinyworld, its ``f(args) -> int``)."""
 
 
 def _tinyworld(sub: argparse._SubParsersAction) -> None:
@@ -104,31 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tinyworld.fit import fit_all
 
         fit_all(args.out, args.work, args.judge_steps, args.vae_steps, args.base_steps)
-    elif args.action == "eval":
-        from .tinyworld.evaluate import main as eval_main
-
-        return eval_main(args)
-    elif args.action == "sample":
-        from .tinyworld.evaluate import sample_main
-
-        return sample_main(args)
-    elif args.action == "export-judge":
-        from .tinyworld.export_judge import main as export_judge_main
-
-        return export_judge_main(args)
-    elif args.action == "prompts":
-        from .tinyworld.prompt_lists import main as prompts_main
-
-        return prompts_main(args)
-    elif args.action == "fewshot":
-        from .tinyworld.fewshot_set import main as fewshot_main
-
-        return fewshot_main(args)
-    elif args.action == "masks":
-        from .tinyworld.mask_measure import main as masks_main
-
-        return masks_main(args)
-    return 0
+        return 0
+    module, function = TINYWORLD_ACTIONS[args.action]
+    return getattr(importlib.import_module(f"train.tinyworld.{module}"), function)(args)
 
 
 if __name__ == "__main__":

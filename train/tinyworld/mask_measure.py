@@ -18,11 +18,13 @@ Generated images have no exact masks, so three figures (``train/data/README.md``
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from runtime.bundle import atomic_write
+from runtime.errors import BadInputError
 from train.data.load import load_data
 from train.data.masks import derived_masks
 
@@ -71,6 +73,8 @@ def measure(data_dir: Path, n_rendered: int = 50, n_generated: int = 50, seed: i
     out: dict = {}
     d = load_data(data_dir)
     kept = np.nonzero(d.kept)[0]
+    if not len(kept):
+        raise BadInputError(f"{data_dir} has no kept pair: nothing to measure (pass a tinyworld data folder)")
     by_form: dict[str, list[bool]] = {}
     for p in d.pairs:
         by_form.setdefault(_form(p["prompt"]), []).append(p["kept"])
@@ -112,7 +116,11 @@ def measure(data_dir: Path, n_rendered: int = 50, n_generated: int = 50, seed: i
 
 
 def main(args) -> int:
-    result = measure(Path(args.data), args.rendered, args.generated, args.seed)
+    try:
+        result = measure(Path(args.data), args.rendered, args.generated, args.seed)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.exit_code)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
