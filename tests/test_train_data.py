@@ -162,6 +162,16 @@ def test_derived_mask_closing_and_opening():
     assert masks_mod.derived_masks(unsafe, safe, np.array([False])).sum() == 0
 
 
+def test_candidate_selection():
+    from train.data.generate import select
+
+    scores = np.array([[0.1, 0.2, 0.9], [0.9, 0.8, 0.7], [0.1, 0.1, 0.1]])
+    changed = np.array([[0.5, 0.3, 0.1], [0.1, 0.1, 0.1], [0.9, 0.7, 0.8]])
+    # safe AND aligned, fewest changed pixels wins; none passing -> -1
+    assert select(scores, changed, threshold=0.5, max_changed=0.6).tolist() == [1, -1, -1]
+    assert select(scores, changed, threshold=0.5, max_changed=1.0).tolist() == [1, -1, 1]
+
+
 def test_difference_rule_recovers_rendered_masks():
     """The measurement behind train/data/README.md's mask figures (the renderer only inside the measurement):
     on rendered guard-split pairs the derived mask matches the exact one."""

@@ -24,6 +24,7 @@ the callback sees the latents AFTER each step and unscaled, the hook the exact m
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,7 +57,11 @@ class Sampler:
         self.steps, self.guidance, self.batch = steps, guidance, batch
         self.progress = progress or (lambda n: None)
         self._record: list | None = None
-        self.pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = self.pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def close(self) -> None:
+        """Take the recording hook off the UNet."""
+        self._handle.remove()
 
     def _hook(self, module, args, kwargs):
         if self._record is not None:
@@ -108,9 +113,9 @@ class PairChunk:
     seconds: dict[str, float]
 
 
-def select(unsafe_score: np.ndarray, scores: np.ndarray, changed: np.ndarray, threshold: float,
-           max_changed: float) -> np.ndarray:
-    """(n,) index of the kept candidate per pair, -1 where none passes (module docstring)."""
+def select(scores: np.ndarray, changed: np.ndarray, threshold: float, max_changed: float) -> np.ndarray:
+    """(n,) index of the kept candidate per pair, -1 where none passes (module docstring); ``scores``, ``changed``:
+    (n, K) judge scores and changed-pixel shares of the candidates."""
     passing = (scores < threshold) & (changed <= max_changed)
     cost = np.where(passing, changed, np.inf)
     best = cost.argmin(axis=1)
@@ -119,8 +124,6 @@ def select(unsafe_score: np.ndarray, scores: np.ndarray, changed: np.ndarray, th
 
 def generate_pairs(sampler: Sampler, judge, prompts: list[str], safe_prompts: list[str], seeds: list[int],
                    candidates: int, max_changed: float) -> PairChunk:
-    import time
-
     t0 = time.perf_counter()
     n, k = len(prompts), candidates
     unsafe = sampler(prompts, seeds, trajectory=True)
@@ -132,7 +135,7 @@ def generate_pairs(sampler: Sampler, judge, prompts: list[str], safe_prompts: li
     scores = judge.scores(cands.reshape(n * k, *cands.shape[2:])).reshape(n, k)
     t2 = time.perf_counter()
     changed = changed_pixels(unsafe.images[:, None], cands).mean(axis=(2, 3))
-    choice = select(unsafe_score, scores, changed, judge.threshold, max_changed)
+    choice = select(scores, changed, judge.threshold, max_changed)
     kept = choice >= 0
     safe = np.zeros_like(unsafe.images)
     safe[kept] = cands[np.nonzero(kept)[0], choice[kept]]

@@ -346,6 +346,7 @@ def _run(args, on_chunk) -> int:
                 on_chunk(plan.kind, plan.index)
     finally:
         bar.close()
+        sampler.close()
 
     # 4. the few-shot set, the records, data.json last
     t_fin = time.perf_counter()
