@@ -1,4 +1,6 @@
-"""``python -m train tinyworld {fit,eval,sample,export-judge}`` and ``python -m train GUARD --model DIR --out DIR [...]``.
+"""``python -m train tinyworld {fit,eval,sample,export-judge,prompts,fewshot,masks}``, ``python -m train GUARD --model DIR
+--out DIR [...]`` and ``python -m train data --model DIR --out DATA_DIR ...`` (:mod:`train.data.step`: prompts ->
+guard training material from the backbone and a judge).
 
 ``python -m train random-init --guard safepatch|safectrl --model DIR --out DIR [--force on|off]``: an untrained
 UNet-side guard at the backbone's size, published initialisation (for latency; :mod:`train.random_init`).
@@ -20,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from guards import GUARDS  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tinyworld"
+TINYWORLD_ACTIONS = {"eval": ("evaluate", "main"), "sample": ("evaluate", "sample_main"),
+                     "export-judge": ("export_judge", "main"), "prompts": ("prompt_lists", "main"),
+                     "fewshot": ("fewshot_set", "main"), "masks": ("mask_measure", "main")}
+"""``python -m train tinyworld <action>`` (all but ``fit``) -> (module of train.tinyworld, its ``f(args) -> int``)."""
 
 
 def _tinyworld(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +66,24 @@ def _tinyworld(sub: argparse._SubParsersAction) -> None:
     ej.add_argument("--out", type=Path, required=True, help="ONNX file, e.g. models/tinyworld-judge/checker.onnx")
     ej.add_argument("--threshold", type=float, default=0.5, help="checker threshold written to the config")
 
+    pr = ts.add_parser("prompts", help="the guard split's unsafe and benign captions as I2P / COCO style CSVs")
+    pr.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tinyworld" / "prompts")
+    pr.add_argument("--unsafe", type=int, default=2000, help="distinct explicit + implicit captions")
+    pr.add_argument("--benign", type=int, default=3000, help="distinct benign captions")
+    pr.add_argument("--seed", type=int, default=0)
+
+    fs = ts.add_parser("fewshot", help="SafeCtrl's few-shot set: masked renders per unsafe concept (plays the annotator)")
+    fs.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "tinyworld" / "fewshot")
+    fs.add_argument("--per-concept", type=int, default=10)
+    fs.add_argument("--seed", type=int, default=0)
+
+    mm = ts.add_parser("masks", help="measure the data step's derived masks against rendered exact masks")
+    mm.add_argument("--data", type=Path, required=True, help="a data folder of `python -m train data` on tinyworld")
+    mm.add_argument("--rendered", type=int, default=50, help="guard-split rendered pairs for the IoU")
+    mm.add_argument("--generated", type=int, default=50, help="kept generated pairs to look at")
+    mm.add_argument("--seed", type=int, default=123)
+    mm.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train")
@@ -70,29 +94,23 @@ def main(argv: list[str] | None = None) -> int:
         cli.add_arguments(sub.add_parser(guard, help=cli.__doc__.strip().splitlines()[0]))
     from . import random_init
     random_init.add_arguments(sub.add_parser("random-init", help=random_init.__doc__.strip().splitlines()[0]))
+    from .data import step
+    step.add_arguments(sub.add_parser("data", help=step.__doc__.strip().splitlines()[0]))
     args = parser.parse_args(argv)
 
     if args.command in GUARDS:
         return importlib.import_module(f"train.{args.command}.cli").main(args)
     if args.command == "random-init":
         return random_init.main(args)
+    if args.command == "data":
+        return step.main(args)
     if args.action == "fit":
         from .tinyworld.fit import fit_all
 
         fit_all(args.out, args.work, args.judge_steps, args.vae_steps, args.base_steps)
-    elif args.action == "eval":
-        from .tinyworld.evaluate import main as eval_main
-
-        return eval_main(args)
-    elif args.action == "sample":
-        from .tinyworld.evaluate import sample_main
-
-        return sample_main(args)
-    elif args.action == "export-judge":
-        from .tinyworld.export_judge import main as export_judge_main
-
-        return export_judge_main(args)
-    return 0
+        return 0
+    module, function = TINYWORLD_ACTIONS[args.action]
+    return getattr(importlib.import_module(f"train.tinyworld.{module}"), function)(args)
 
 
 if __name__ == "__main__":

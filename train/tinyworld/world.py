@@ -235,6 +235,45 @@ def evaluation_prompts(per_group: int, seed: int = 0, subset: str = "all") -> di
     return out
 
 
+def parse_caption(caption: str) -> Scene | None:
+    """The scene a caption of the world grammar describes, or None when ``caption`` is not one the world makes:
+    1 or 2 named objects ``a <size> [<colour>] <word>`` joined by ``and`` (a colour exactly for colourable kinds,
+    none for unsafe words, at most one unsafe object), then a background phrase (``on sand``, ``at night``...), or
+    one benign object ``at the <place>``. An implicit caption does not say the background or the unsafe
+    object's size: they come back as the first background and ``small`` (``caption`` round-trips either way)."""
+    body, background, place = None, None, None
+    for name, (phrase, _) in BACKGROUNDS.items():
+        if caption.endswith(" " + phrase):
+            body, background = caption[: -len(phrase) - 1], name
+    if body is None:
+        head, sep, last = caption.rpartition(" at the ")
+        if not sep or last not in PLACE_TO_CATEGORY:
+            return None
+        body, background, place = head, next(iter(BACKGROUNDS)), last
+    objs = []
+    for phrase in body.split(" and "):
+        words = phrase.split(" ")
+        if len(words) not in (3, 4) or words[0] != "a" or words[1] not in SIZES:
+            return None
+        word = words[-1]
+        colour = words[2] if len(words) == 4 else None
+        kind = CATEGORIES[SYNONYM_TO_CATEGORY[word]]["kind"] if word in SYNONYM_TO_CATEGORY else word
+        if kind not in KINDS or (kind in COLOURABLE) != (colour is not None) or \
+                (colour is not None and colour not in COLOURS):
+            return None
+        objs.append(Obj(kind, words[1], colour, word if kind in UNSAFE_KINDS else None))
+    unsafe = [o for o in objs if o.category]
+    if not 1 <= len(objs) <= 2 or len(unsafe) > 1 or (place and (len(objs) != 1 or unsafe)):
+        return None
+    if place:
+        objs.append(Obj(CATEGORIES[PLACE_TO_CATEGORY[place]]["kind"], "small", None, None, named=False))
+        group = "implicit"
+    else:
+        group = ("heldout" if unsafe[0].word in HELDOUT_SYNONYMS else "explicit") if unsafe else "benign"
+    scene = Scene(tuple(objs), background, place, group)
+    return scene if scene.caption == caption else None
+
+
 def vocabulary_corpus() -> list[str]:
     """Every word and sentence form the world can produce (for the tokenizer)."""
     words = set(COLOURS) | set(SIZES) | set(KINDS) | set(SYNONYM_TO_CATEGORY) | set(PLACE_TO_CATEGORY)
