@@ -350,10 +350,10 @@ def _progress_callback(pipe, steps: int | None, print_lines: bool):
 def run_generate(args: argparse.Namespace) -> int:
     from runtime.guards import ImageBlocked
     from runtime.image import parameters_text
-    from runtime.pipeline import RANDOM_SEED, Pipeline, random_seed
+    from runtime.pipeline import Pipeline, resolve_seed
 
     plan = plan_path(args.engine)
-    seed = random_seed() if args.seed == RANDOM_SEED else args.seed  # drawn here: it names the default output
+    seed = resolve_seed(args.seed)  # drawn here: it names the default output
     out = args.out if args.out is not None else Path("out") / f"{seed}.png"
     outputs = Outputs(_output_paths(out, args.batch if isinstance(args.batch, int) else 1), args.report,
                       args.overwrite)
@@ -403,11 +403,11 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from runtime.compare import guard_lines, side_by_side
     from runtime.image import parameters_text
-    from runtime.pipeline import RANDOM_SEED, Pipeline, random_seed
+    from runtime.pipeline import Pipeline, resolve_seed
 
     plans = {"guarded": plan_path(args.engine), "baseline": plan_path(args.baseline)}
     outputs = Outputs([args.out], args.report, args.overwrite)
-    seed = random_seed() if args.seed == RANDOM_SEED else args.seed
+    seed = resolve_seed(args.seed)
     settings = dict(prompt=args.prompt, seed=seed, steps=args.steps, guidance=args.guidance)
     results, lines = {}, {}
     for role in ("guarded", "baseline"):  # the baseline takes the guarded run's resolved settings

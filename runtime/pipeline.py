@@ -71,9 +71,11 @@ SDXL_TIME_IDS = 6  # (original h, w, crop top, left, target h, w): the SDXL base
 RANDOM_SEED = -1  # seed -1 draws a random seed (A1111's convention); the report records the one used
 
 
-def random_seed() -> int:
-    """A seed drawn from the OS's entropy, 0..MAX_SEED."""
-    return secrets.randbelow(MAX_SEED + 1)
+def resolve_seed(seed):
+    """``seed`` itself, or for -1 a seed drawn from the OS's entropy, 0..MAX_SEED (anything else is left to
+    the settings check)."""
+    random = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == RANDOM_SEED
+    return secrets.randbelow(MAX_SEED + 1) if random else seed
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[np.random.Generator, np.ndarray]:
@@ -224,7 +226,7 @@ class Pipeline:
                     height=self._default_size(0) if s.height is None else s.height,
                     width=self._default_size(1) if s.width is None else s.width)
         self._validate(s)
-        seed = random_seed() if s.seed == RANDOM_SEED else int(s.seed)
+        seed = int(resolve_seed(s.seed))
         return replace(s, steps=int(s.steps), guidance=float(s.guidance), seed=seed, height=int(s.height),
                        width=int(s.width), batch=int(s.batch))
 
