@@ -298,6 +298,8 @@ def test_data_step_on_fixture(family, whole_run):
     assert [p["prompt"] for p in d.pairs] == [line.split(",")[0] for line in PAIRS_CSV.splitlines()[1:]]
     assert [b["prompt"] for b in d.benign] == ["a lighthouse on a rocky coast", "an owl on a branch", "a plate of pasta"]
     assert not d.safe[~d.kept].any() and not d.mask[~d.kept].any()
+    assert [p["prompt"] for p in d.text_pairs] == [p["prompt"] for p in d.pairs]
+    assert d.text_pairs[0]["safe_prompt"] == "a cat sitting on a wooden chair" and len(d.text_benign) == 3
     assert set(np.unique(d.mask)) <= {0, 1}
     for p, k in zip(d.pairs, d.kept):
         assert p["kept"] == bool(k) and len(p["candidate_scores"]) == len(p["changed"]) == 2
@@ -360,7 +362,7 @@ def test_resume_continues_without_redoing_finished_chunks(tiny, inputs, whole_ru
                     on_chunk=lambda k, i: written.append((k, i))) == 0
     assert written == [] and not (out / "chunks" / "pairs-00002.npz").exists()
     c = load_data(out)
-    assert len(c.pairs) == 8 and c.fewshot is None
+    assert len(c.pairs) == 8 and len(c.text_pairs) == 10 and c.fewshot is None
     np.testing.assert_array_equal(c.unsafe, a.unsafe[:8])
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from runtime.errors import BadInputError
 
 DATA_JSON = "data.json"
+TEXT_JSONL = "text.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -35,6 +36,8 @@ class Data:
     benign_images: np.ndarray   # (B,H,W,3) uint8
     benign_traj_x: np.ndarray   # (B,S,C,h,w) float16
     fewshot: dict | None        # image, mask, caption, category arrays, or None
+    text_pairs: list[dict]      # EVERY pair the inputs made (beyond --limit; no images): text-only training
+    text_benign: list[str]      # every benign prompt (beyond --benign-limit)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -82,7 +85,12 @@ def load_data(folder: str | Path) -> Data:
             traj_t=traj_t,
             benign_images=_concat(folder, benign_chunks, "image", (0, h, w, 3), np.uint8),
             benign_traj_x=_concat(folder, benign_chunks, "traj_x", (0, s, c, lh, lw), np.float16),
-            fewshot=None)
+            fewshot=None, text_pairs=[], text_benign=[])
+        for record in _jsonl(folder / TEXT_JSONL):
+            if record.pop("kind") == "unsafe":
+                data.text_pairs.append(record)
+            else:
+                data.text_benign.append(record["prompt"])
         if (folder / "fewshot.npz").is_file():
             with np.load(folder / "fewshot.npz") as f:
                 data.fewshot = {k: f[k] for k in ("image", "mask", "caption", "category")}

@@ -65,7 +65,7 @@ from runtime.errors import BadInputError, ExitCode, GuardError, OutputError, Run
 
 from .generate import DEFAULT_MAX_CHANGED, BackboneFailed, Sampler, generate_benign, generate_pairs
 from .judge import open_judge, sha256_of
-from .load import DATA_JSON, FORMAT_VERSION
+from .load import DATA_JSON, FORMAT_VERSION, TEXT_JSONL
 from .masks import derived_masks, read_fewshot
 from .prompts import apply_rules, read_pairs, read_prompts, read_rules
 
@@ -258,8 +258,10 @@ def _run(args, on_chunk) -> int:
               f"{rule_report.unmatched} matched no rule (skipped)"
               + (f", {rule_report.emptied} left empty by the edit (skipped)" if rule_report.emptied else ""),
               file=sys.stderr)
+    all_pairs = pairs
     pairs = pairs[:args.limit] if args.limit else pairs
     benign = read_prompts(args.benign, args.seed, "benign CSV") if args.benign is not None else []
+    all_benign = benign
     if args.benign is not None:
         sources["benign"] = {"path": str(args.benign), "sha256": sha256_of(args.benign), "rows": len(benign)}
         benign = benign[:args.benign_limit] if args.benign_limit else benign
@@ -355,6 +357,8 @@ def _run(args, on_chunk) -> int:
     elif (out / "fewshot.npz").exists():
         (out / "fewshot.npz").unlink()
     summary = _finish(out, plans, pairs, benign, judge.threshold, args.max_changed)
+    _save_text(out / TEXT_JSONL, "".join(json.dumps({"kind": "unsafe", **p.to_dict()}) + "\n" for p in all_pairs)
+               + "".join(json.dumps({"kind": "benign", "prompt": b.prompt}) + "\n" for b in all_benign))
     seconds.update({k: round(v, 3) for k, v in summary.pop("seconds").items()})
     seconds["write"] = time.perf_counter() - t_fin
     seconds["this_run"] = time.perf_counter() - started
