@@ -15,3 +15,27 @@ def add_config_options(parser: argparse.ArgumentParser, schema, helps: dict[str,
             raise TypeError(f"{schema.__name__}.{field}: only int/float/str fields become options here")
         parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default,
                             help=f"{text} (default %(default)s)")
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Where a guard trainer's material comes from: ``--data DATA_DIR`` (``python -m train data``: prompts, the
+    backbone and a judge; the default recipe) or ``--renderer`` (tinyworld's privileged renderer, for comparison).
+    Exactly one is required: argparse exits 2 naming both otherwise."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=str, default=None, metavar="DATA_DIR",
+                        help="a data folder written by `python -m train data` (the prompt-only recipe)")
+    source.add_argument("--renderer", action="store_true",
+                        help="tinyworld only: train on renders from tinyworld's renderer (the privileged comparison)")
+
+
+def run_trainer(fit, args):
+    """``fit(args)``, with a bad data folder or backbone mismatch reported as one ``error:`` line and exit 3."""
+    import sys
+
+    from runtime.errors import BadInputError, ExitCode
+
+    try:
+        return fit(args)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)

@@ -39,6 +39,10 @@ class Data:
     text_pairs: list[dict]      # EVERY pair the inputs made (beyond --limit; no images): text-only training
     text_benign: list[str]      # every benign prompt (beyond --benign-limit)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.info["image_size"])
+
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -101,3 +105,22 @@ def load_data(folder: str | Path) -> Data:
         raise BadInputError(f"{folder}: pairs.jsonl / benign.jsonl do not match the chunk files: rerun the data step "
                             "with --resume")
     return data
+
+
+def check_backbone(data: Data, backbone, trainer: str, sdxl: bool = False) -> None:
+    """Refuse (one-line :class:`BadInputError`) a data folder made for another family, image size or latent
+    width than ``backbone``, one with no kept pair, and SDXL for a ``trainer`` that does not support it yet."""
+    if backbone.family == "sdxl" and not sdxl:
+        raise BadInputError(f"{trainer}: training on an SDXL backbone is not supported yet (it arrives with the "
+                            "sdxl_safe.plan work): train on an SD 1.x / 2.x backbone")
+    made = data.info.get("backbone", {})
+    size = [backbone.image_size, backbone.image_size]
+    channels = data.info.get("trajectory", {}).get("channels")
+    if made.get("family") != backbone.family or list(data.image_size) != size or channels != backbone.latent_channels:
+        raise BadInputError(f"--data {data.folder} was made for a {made.get('family')} backbone at "
+                            f"{data.image_size[0]}x{data.image_size[1]} px with {channels} latent channels, not this "
+                            f"{backbone.family} one ({size[0]}x{size[1]} px, {backbone.latent_channels} channels): rerun "
+                            f"`python -m train data --model` with this backbone")
+    if not data.kept.any():
+        raise BadInputError(f"--data {data.folder} has no kept pair (keep rate 0): raise --max-changed or "
+                            "--candidates in the data step, or check the judge config")

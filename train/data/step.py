@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import os
 import shlex
 import sys
 import time

@@ -1,6 +1,7 @@
 """Train SafeRedir (latent-aware classifier + token-level delta generator) for a backbone.
 
-    python -m train saferedir --model models/tinyworld --out models/guards/tinyworld/saferedir [--resume]
+    python -m train saferedir --model models/tinyworld --data .cache/data/tinyworld --out DIR [--resume]
+    python -m train saferedir --model models/tinyworld --renderer --out DIR   # tinyworld's renderer (comparison)
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m train saferedir ...   # same loop, 2 CPU processes (gloo)
 """
 
@@ -11,16 +12,19 @@ import sys
 from pathlib import Path
 
 from guards.saferedir import SafeRedirConfig
-from train.options import add_config_options
+from train.options import add_config_options, add_source_options, run_trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="backbone folder (diffusers layout)")
     p.add_argument("--out", type=Path, required=True, help="write config.json + model.safetensors + train_log.json")
+    add_source_options(p)
     p.add_argument("--cache", type=Path, default=Path(".cache/saferedir"), help="cached data and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from <cache>/stage1.pt, stage2.pt")
-    p.add_argument("--prompts", type=int, default=150, help="guard-split prompts per class for trajectories")
-    p.add_argument("--pairs", type=int, default=384, help="unsafe scenes with safe counterfactual renders")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="at most N trajectories per class (default: all of --data; --renderer: 150)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="at most N kept pairs for the redirect (default: all of --data; --renderer: 384)")
     p.add_argument("--cls-steps", type=int, default=600)
     p.add_argument("--gen-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128, help="classifier batch")
@@ -28,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cls-lr", type=float, default=1e-3)
     p.add_argument("--gen-lr", type=float, default=2e-3)
     p.add_argument("--text-prompts", type=int, default=1500,
-                   help="stage 1: extra guard-split prompts per class seen with step-0 noise (a quarter of each batch)")
+                   help="stage 1: prompts per class of the whole lists seen with step-0 noise (a quarter of each batch)")
     p.add_argument("--prompt-dropout", type=float, default=0.3,
                    help="stage 1: share of samples whose prompt is replaced by the empty prompt (latent-only)")
     add_config_options(p, SafeRedirConfig, {
@@ -44,7 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from .train import fit
 
-    metrics = fit(args)
+    if args.renderer:
+        from .renderer import RendererSource as source
+    else:
+        from .data import DataSource as source
+    metrics = run_trainer(lambda a: fit(a, source), args)
+    if isinstance(metrics, int):
+        return metrics
     print({k: v for k, v in metrics.items() if k != "val_acc_per_step"})
     return 0
 

@@ -1,31 +1,32 @@
-"""SafeRedir training data on tinyworld (guard split only), built once with the frozen backbone and cached.
+"""SafeRedir training material from a data folder of ``python -m train data`` (the default, prompt-only path:
+the backbone's own generations and the user's prompt lists; nothing here imports tinyworld's renderer).
 
-- ``trajectories``: safe (benign) and unsafe (explicit + implicit) guard-split prompts generated with the
-  frozen pipeline exactly as the lean runtime samples (DDIM ``steps`` steps, CFG ``guidance``, empty negative
-  prompt); the scaled model input ``x_t`` and ``t`` of every step are recorded with the prompt's embedding
-  (the text encoder's ``last_hidden_state``, what the UNet cross-attends to) and its label (1 = unsafe).
-- ``counterfactuals``: unsafe guard-split scenes (``train.tinyworld.data.counterfactual_pairs``, mode
-  ``remove``) with the VAE latent of their SAFE counterfactual render (``latent_dist.mean * scaling_factor``),
-  the unsafe prompt's embedding and the counterfactual caption's embedding.
+- trajectories: every benign prompt's (label 0) and every unsafe prompt's (label 1) sampling trajectory as the
+  data step recorded it (the scaled model input x_t of each step, exactly what the runtime's classifier sees),
+  with the prompt's embedding (the text encoder's hidden states the UNet cross-attends to);
+- redirect pairs: every KEPT pair: the VAE latent of the judge-kept safe image (same backbone, same seed
+  family), the unsafe prompt's embedding and the safe prompt's;
+- step-0 text samples: prompts of the whole lists (``text.jsonl``, beyond the generated ones) with fresh noise.
 
-Everything lands in one ``.npz`` under ``--cache`` (default ``.cache/saferedir``), keyed by the sizes and seed.
+:func:`build` returns the same arrays as :func:`train.saferedir.renderer.build` (the ``--renderer`` comparison),
+cached under ``--cache`` keyed by the data folder's ``data.json`` hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from train.tinyworld.data import counterfactual_pairs
-from train.tinyworld.world import sample_split
+from train.data.load import DATA_JSON, Data, check_backbone, load_data
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """(N, L, D) text-encoder hidden states as the pipeline feeds the UNet (SD 1.x: last_hidden_state)."""
+    """(N, L, D) text-encoder hidden states as the pipeline feeds the UNet (SD 1.x / 2.x: last_hidden_state)."""
     out = []
     for i in range(0, len(prompts), batch):
         ids = pipe.tokenizer(prompts[i:i + batch], padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -35,36 +36,8 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trajectories(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0,
-                 batch: int = 64, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Scaled model inputs of every DDIM step: (N, steps, C, h, w) float16 and the timesteps (steps,)."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    unet = pipe.unet
-    c = unet.config.in_channels
-    h = size // pipe.vae_scale_factor
-    uncond = encode_prompts(pipe, [""])
-    gen = torch.Generator().manual_seed(seed)
-    xs = np.empty((len(prompts), steps, c, h, h), np.float16)
-    for i in tqdm(range(0, len(prompts), batch), desc="trajectories", mininterval=2.0):
-        cond = encode_prompts(pipe, prompts[i:i + batch])
-        b = cond.shape[0]
-        ehs = torch.cat([uncond.expand(b, -1, -1), cond])
-        lat = torch.randn(b, c, h, h, generator=gen) * sched.init_noise_sigma
-        for k, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(lat, t)
-            xs[i:i + b, k] = x_in.numpy().astype(np.float16)
-            eps = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=ehs).sample
-            u, cnd = eps.chunk(2)
-            lat = sched.step(u + guidance * (cnd - u), t, lat).prev_sample
-    return xs, sched.timesteps.numpy().astype(np.float32)
-
-
-@torch.no_grad()
 def safe_latents(pipe, images: np.ndarray, batch: int = 128) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 renders -> scaled VAE latents (posterior mean * scaling_factor)."""
+    """(N, H, W, 3) uint8 images -> scaled VAE latents (posterior mean * scaling_factor)."""
     vae = pipe.vae
     out = []
     for i in range(0, len(images), batch):
@@ -73,49 +46,82 @@ def safe_latents(pipe, images: np.ndarray, batch: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
-def build(pipe, cache: Path, n_prompts: int, n_pairs: int, seed: int, steps: int = 20,
-          guidance: float = 5.0) -> dict[str, np.ndarray]:
-    """Load the cached arrays or generate them (``n_prompts`` per class for trajectories, ``n_pairs`` pairs)."""
-    cache = Path(cache)
-    path = cache / f"data_p{n_prompts}_c{n_pairs}_s{seed}_t{steps}_g{guidance:g}.npz"
+def data_hash(data: Data) -> str:
+    return hashlib.sha256((data.folder / DATA_JSON).read_bytes()).hexdigest()
+
+
+def _cached(path: Path, make) -> dict[str, np.ndarray]:
     if path.is_file():
         with np.load(path) as f:
             return dict(f)
-    safe = [s.caption for s in sample_split("guard", n_prompts, seed, {"benign": 1.0})]
-    unsafe = [s.caption for s in sample_split("guard", n_prompts, seed + 1, {"explicit": 0.7, "implicit": 0.3})]
-    prompts = safe + unsafe
-    labels = np.array([0] * len(safe) + [1] * len(unsafe), np.int64)
-    xs, ts = trajectories(pipe, prompts, seed, steps, guidance)
-    emb = encode_prompts(pipe, prompts).numpy()
-
-    pairs = counterfactual_pairs("guard", n_pairs, seed + 2, mode="remove")
-    cf_captions = [s.counterfactual("remove").caption for s in pairs.scenes]
-    data = {"traj_x": xs, "traj_t": ts, "traj_emb": emb.astype(np.float32), "traj_label": labels,
-            "traj_prompt": np.array(prompts),
-            "pair_emb": encode_prompts(pipe, pairs.prompts).numpy().astype(np.float32),
-            "pair_cf_emb": encode_prompts(pipe, cf_captions).numpy().astype(np.float32),
-            "pair_z0": safe_latents(pipe, pairs.safe).numpy().astype(np.float32),
-            "pair_prompt": np.array(pairs.prompts), "pair_cf_prompt": np.array(cf_captions),
-            "uncond_emb": encode_prompts(pipe, [""]).numpy().astype(np.float32)}
-    cache.mkdir(parents=True, exist_ok=True)
+    arrays = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
+    np.savez(tmp, **arrays)
     tmp.replace(path)
-    return data
+    return arrays
 
 
-def text_samples(pipe, cache: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` guard-split prompts per class (benign; explicit + implicit) -> embeddings (2n, L, D), labels."""
+def build(pipe, data: Data, cache: Path, n_prompts: int | None, n_pairs: int | None) -> dict[str, np.ndarray]:
+    """Trajectories of at most ``n_prompts`` prompts per class and at most ``n_pairs`` kept pairs (None: all)."""
+    kept = np.flatnonzero(data.kept)[:n_pairs]
+    n_b = len(data.benign) if n_prompts is None else min(n_prompts, len(data.benign))
+    n_u = len(data.pairs) if n_prompts is None else min(n_prompts, len(data.pairs))
+    key = f"data_{data_hash(data)[:16]}_p{n_b}-{n_u}_c{len(kept)}.npz"
+
+    def make() -> dict[str, np.ndarray]:
+        safe = [b["prompt"] for b in data.benign[:n_b]]
+        unsafe = [p["prompt"] for p in data.pairs[:n_u]]
+        prompts = safe + unsafe
+        pairs = [data.pairs[i] for i in kept]
+        return {"traj_x": np.concatenate([data.benign_traj_x[:n_b], data.traj_x[:n_u]]),
+                "traj_t": data.traj_t.astype(np.float32),
+                "traj_emb": encode_prompts(pipe, prompts).numpy().astype(np.float32),
+                "traj_label": np.array([0] * n_b + [1] * n_u, np.int64), "traj_prompt": np.array(prompts),
+                "pair_emb": encode_prompts(pipe, [p["prompt"] for p in pairs]).numpy().astype(np.float32),
+                "pair_cf_emb": encode_prompts(pipe, [p["safe_prompt"] for p in pairs]).numpy().astype(np.float32),
+                "pair_z0": safe_latents(pipe, data.safe[kept]).numpy().astype(np.float32),
+                "pair_prompt": np.array([p["prompt"] for p in pairs]),
+                "pair_cf_prompt": np.array([p["safe_prompt"] for p in pairs]),
+                "uncond_emb": encode_prompts(pipe, [""]).numpy().astype(np.float32)}
+
+    return _cached(Path(cache) / key, make)
+
+
+def text_samples(pipe, data: Data, cache: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` prompts per class from the whole lists (benign: label 0; unsafe: label 1), drawn with
+    ``seed`` -> embeddings (m, L, D), labels (m,)."""
     if n <= 0:
         return np.zeros((0, 1, 1), np.float32), np.zeros(0, np.int64)
-    path = Path(cache) / f"text_n{n}_s{seed}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return f["emb"], f["label"]
-    safe = [s.caption for s in sample_split("guard", n, seed + 10, {"benign": 1.0})]
-    unsafe = [s.caption for s in sample_split("guard", n, seed + 11, {"explicit": 0.7, "implicit": 0.3})]
-    emb = encode_prompts(pipe, safe + unsafe).numpy().astype(np.float32)
-    label = np.array([0] * n + [1] * n, np.int64)
-    Path(cache).mkdir(parents=True, exist_ok=True)
-    np.savez(path, emb=emb, label=label)
-    return emb, label
+    rng = random.Random(seed + 10)
+    safe = sorted(set(data.text_benign))
+    unsafe = sorted({p["prompt"] for p in data.text_pairs})
+    safe, unsafe = rng.sample(safe, min(n, len(safe))), rng.sample(unsafe, min(n, len(unsafe)))
+    key = f"text_{data_hash(data)[:16]}_n{n}_s{seed}.npz"
+    arrays = _cached(Path(cache) / key, lambda: {
+        "emb": encode_prompts(pipe, safe + unsafe).numpy().astype(np.float32),
+        "label": np.array([0] * len(safe) + [1] * len(unsafe), np.int64)})
+    return arrays["emb"], arrays["label"]
+
+
+class DataSource:
+    """The trainer's material from ``--data`` (the interface :class:`train.saferedir.renderer.RendererSource` shares)."""
+
+    def __init__(self, args, backbone):
+        self.args, self.pipe = args, backbone.pipeline
+        self.data = load_data(args.data)
+        check_backbone(self.data, backbone, "saferedir")
+
+    def build(self) -> dict[str, np.ndarray]:
+        return build(self.pipe, self.data, self.args.cache, self.args.prompts, self.args.pairs)
+
+    def text_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        return text_samples(self.pipe, self.data, self.args.cache, self.args.text_prompts, self.args.seed)
+
+    def describe(self, d: dict) -> dict:
+        return {"source": "data", "data": str(self.data.folder), "data_sha256": data_hash(self.data), **counts(d)}
+
+
+def counts(d: dict) -> dict:
+    return {"trajectories_benign": int((d["traj_label"] == 0).sum()),
+            "trajectories_unsafe": int((d["traj_label"] == 1).sum()), "redirect_pairs": int(len(d["pair_z0"]))}

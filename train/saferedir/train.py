@@ -16,7 +16,6 @@ from guards.saferedir import SafeRedir
 from guards.storage import atomic_path
 from train.loop import resume, save_checkpoint, setup
 
-from . import data as D
 from .losses import classifier_loss, redirect_loss
 
 WEIGHTS = {"dm": 1.0, "kd": 3.0, "id": 0.002, "mask_benign": 0.002, "mask": 0.0002, "scale": 0.0}
@@ -24,7 +23,8 @@ WEIGHTS = {"dm": 1.0, "kd": 3.0, "id": 0.002, "mask_benign": 0.002, "mask": 0.00
 to 0 (bench/results/design_measurements.md)."""
 
 
-def fit(args) -> dict:
+def fit(args, source_class) -> dict:
+    """``source_class(args, backbone)``: :class:`train.saferedir.data.DataSource` or the renderer's."""
     acc = setup(args.seed, args.threads, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     from export.families import load_backbone
 
@@ -34,8 +34,9 @@ def fit(args) -> dict:
     for m in (pipe.text_encoder, pipe.vae):
         m.eval().requires_grad_(False)
     t0 = time.perf_counter()
+    source = source_class(args, backbone)
     with acc.main_process_first():
-        d = D.build(pipe, args.cache, args.prompts, args.pairs, args.seed)
+        d = source.build()
     data_s = time.perf_counter() - t0
     model = SafeRedir.for_backbone(backbone, alpha=args.alpha, check_every=args.check_every,
                                    first_check=args.first_check, threshold=args.threshold)
@@ -58,7 +59,7 @@ def fit(args) -> dict:
     # step-0 text samples: the first check sees pure noise at timesteps[0], so any guard-split prompt paired with
     # fresh N(0, 1) noise is an exact step-0 input; many more prompts than trajectories, at no UNet cost
     with acc.main_process_first():
-        t_emb, t_lab = D.text_samples(pipe, args.cache, args.text_prompts, args.seed)
+        t_emb, t_lab = source.text_samples()
     t_emb, t_lab = torch.from_numpy(t_emb), torch.from_numpy(t_lab)
 
     def cls_batch(pool, b):
@@ -85,7 +86,7 @@ def fit(args) -> dict:
     benign_pool = torch.nonzero(labels[train_idx] == 0)[:, 0]
     z0, e_u, e_cf = (torch.from_numpy(d[k]) for k in ("pair_z0", "pair_emb", "pair_cf_emb"))
     alphas = pipe.scheduler.alphas_cumprod.float()
-    metrics = {"data_seconds": round(data_s, 1)}
+    metrics = {"data_seconds": round(data_s, 1), **source.describe(d)}
     for stage, total, lr, params in stages:
         for p in model.parameters():
             p.requires_grad_(False)

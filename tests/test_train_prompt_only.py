@@ -1,0 +1,125 @@
+"""The prompt-only recipe end to end on the tiny random-weight fixtures (issue 17): the data step from a 10-row
+paired CSV -> each guard trainer a few steps on that folder -> ``export build --guards`` packs the weights -> the
+lean runtime generates with them. SDXL: the data step runs (tests/test_train_data.py); the trainers refuse it in
+one line until the sdxl_safe.plan work. Also: the trainers' material path never imports the renderer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import ExitCode
+
+from .test_train_data import _imports_of, _module_file, fixture_args, inputs, run_step, tiny  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINED = ("saferedir",)  # safepatch, safectrl: joined when their --data path lands
+FEW_STEPS = {
+    "saferedir": ["--cls-steps", "4", "--gen-steps", "2", "--text-prompts", "8", "--batch", "8", "--gen-batch", "2"],
+    "safepatch": ["--steps", "2", "--batch-size", "4"],
+    "safectrl": ["--stage1-steps", "4", "--stage2-steps", "2", "--stage1-batch", "8", "--stage2-batch", "2"],
+}
+"""A few steps each: the point is the wiring (material -> weights -> bundle -> image), not the quality."""
+
+
+def train(guard: str, model: Path, data: Path, out: Path, work: Path, *extra: str) -> int:
+    from train.__main__ import main
+
+    cache = ["--work" if guard == "safectrl" else "--cache", str(work / guard)]
+    return main([guard, "--model", str(model), "--data", str(data), "--out", str(out), "--seed", "0",
+                 *cache, *FEW_STEPS[guard], *extra])
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tiny, inputs, tmp_path_factory):  # noqa: F811
+    """``fixture_data(family)`` -> (model folder, data folder): the data step run once per family."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"prompt_only_{family}") / "data"
+            assert run_step(*fixture_args(tiny(family), inputs, out, "--masks", inputs["fewshot"])) == 0
+            made[family] = (tiny(family), out)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_path):
+    model, data = fixture_data(family)
+    guard_root = tmp_path / "guards"
+    for guard in TRAINED:
+        assert train(guard, model, data, guard_root / model.name / guard, tmp_path / "work") == 0, guard
+        log = json.loads((guard_root / model.name / guard / "train_log.json").read_text())
+        assert str(data) in json.dumps(log), f"{guard}'s train_log.json does not name its data folder"
+    plan = tmp_path / "guarded.plan"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
+                            ",".join(TRAINED), "--guard-dir", str(guard_root), "--out", str(plan)],
+                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    png = tmp_path / "out.png"
+    gen = subprocess.run([sys.executable, "-m", "runtime", "generate", "--engine", str(plan), "--prompt",
+                          "a cat sitting on a wooden chair with a bloody knife", "--steps", "3", "--out", str(png)],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert gen.returncode in (0, int(ExitCode.BLOCKED)), gen.stderr[-2000:]
+    report = json.loads(png.with_suffix(".json").read_text()) if png.with_suffix(".json").exists() else None
+    if gen.returncode == 0:
+        assert png.stat().st_size > 0 and report is not None
+        assert [g["name"] for g in report["guards"]][:3] == list(TRAINED)
+
+
+@pytest.mark.parametrize("guard", TRAINED)
+def test_sdxl_is_refused_in_one_line(guard, fixture_data, tmp_path, capsys):
+    model, data = fixture_data("sdxl")
+    assert train(guard, model, data, tmp_path / "out", tmp_path / "work") == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "SDXL" in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("guard", TRAINED)
+def test_data_folder_of_another_backbone_is_refused(guard, fixture_data, tmp_path, capsys):
+    model, _ = fixture_data("sd1")
+    _, data_sd2 = fixture_data("sd2")
+    assert train(guard, model, data_sd2, tmp_path / "out", tmp_path / "work") == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "rerun `python -m train data" in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("guard", TRAINED)
+def test_trainers_need_exactly_one_source(guard, tmp_path, capsys):
+    from train.__main__ import main
+
+    for extra in ([], ["--data", str(tmp_path), "--renderer"]):
+        with pytest.raises(SystemExit) as e:
+            main([guard, "--model", str(ROOT / "models" / "tinyworld"), "--out", str(tmp_path / "o"), *extra])
+        assert e.value.code == 2
+        assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guard", TRAINED)
+def test_material_path_never_imports_the_renderer(guard):
+    """Static walk of every import (also inside functions) from the trainer's prompt-only modules."""
+    todo = [f"train.{guard}.{m}" for m in ("data", "train") if _module_file(f"train.{guard}.{m}") is not None]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            path = _module_file(".".join(parts[:i]))
+            if path is not None:
+                pkg = ".".join(parts[:i]) if path.name == "__init__.py" else ".".join(parts[:i - 1])
+                todo += [m for m in _imports_of(path, pkg) if m not in seen and _module_file(m) is not None]
+    assert f"train.{guard}.train" in seen and "train.data.load" in seen
+    assert not {"train.tinyworld.render", "train.tinyworld.data", "train.tinyworld.world"} & seen, sorted(seen)
