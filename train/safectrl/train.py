@@ -303,11 +303,15 @@ def run(args) -> dict:
     for module in (pipe.vae, pipe.text_encoder, unet):
         module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    attn = dict(unet.named_modules())[SafeCtrlConfig.detect_layer.rsplit(".processor", 1)[0]]
+    modules = dict(unet.named_modules())
+    detect = SafeCtrlConfig.detect_layer  # tinyworld's; another UNet layout: its first cross-attention layer
+    if detect.rsplit(".processor", 1)[0] not in modules:
+        detect = next(n for n in unet.attn_processors if ".attn2." in n)
+    attn = modules[detect.rsplit(".processor", 1)[0]]
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
               "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold,
               "blend_layers": blend_layers(unet, args.blend_layers),
-              "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
+              "detect_layer": detect, "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
     if categories is not None:
         config["categories"] = categories
     safectrl = SafeCtrl.for_unet(unet, **config)
