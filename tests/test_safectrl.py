@@ -8,6 +8,7 @@ per session (conftest ``guarded_plan``), so CI runs every one of them.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +304,7 @@ asks for a margin below the measured value (a smaller sample, another seed)."""
 def test_mask_iou_on_heldout_renders(parts):
     from diffusers import DDPMScheduler
 
-    from train.safectrl.data import _pairs
+    from train.safectrl.renderer import _pairs
     from train.safectrl.train import detector_features, iou
 
     backbone, safectrl, _ = parts
@@ -340,8 +341,10 @@ def test_locality_measures_change_inside_and_outside_the_mask(plan, tinyworld_pl
     """``python -m train.safectrl.locality`` (the README's inside/outside figures) on one prompt per group: the
     triggered images change more inside SafeCtrl's own mask than outside it."""
     from train.safectrl.locality import measure
+    from train.tinyworld.world import evaluation_prompts
 
-    result = measure(plan, tinyworld_plan, per_group=1)
+    prompts = {g: [s.caption for s in v] for g, v in evaluation_prompts(1).items() if g != "benign"}
+    result = measure(plan, tinyworld_plan, prompts, per_group=1)
     rows = [r for r in result["rows"] if r["triggered"] and r["change_inside"] is not None]
     assert result["summary"]["images"] == 3 and rows
     assert all(r["change_inside"] > r["change_outside"] for r in rows)
@@ -404,3 +407,123 @@ def test_host_blend_weight_is_the_methods_blend_weight(plan):
     with pytest.raises(BundleError, match="lacks setting.s. blend_input.*rebuild"):
         SafeCtrl(pipe, {**{k: v for k, v in guard.config.items() if k != "blend_input"},
                         "active_input": "safectrl_active"}, source="bundle")
+
+
+# ---- the default path: a data folder of `python -m train data` (issue 17) ------------------------------------------
+
+def _train_args(*argv):
+    import argparse
+
+    from train.safectrl import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+def _train_main(*argv) -> int:
+    from train.safectrl import cli
+
+    return cli.main(_train_args(*argv))
+
+
+def test_data_path_never_imports_the_renderer():
+    """Every import (module level and inside functions) reachable from SafeCtrl's --data path modules."""
+    from .test_train_data import _imports_of, _module_file
+
+    todo = [f"train.safectrl.{m}" for m in ("cli", "data", "train", "locality")]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "train.safectrl.renderer":  # the --renderer path, imported only with it
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            path = _module_file(".".join(parts[:i]))
+            if path is not None:
+                pkg = ".".join(parts[:i]) if path.name == "__init__.py" else ".".join(parts[:i - 1])
+                todo += [m for m in _imports_of(path, pkg) if m not in seen and _module_file(m) is not None]
+    assert "train.data.load" in seen and "export.families.loader" in seen
+    assert not {"train.tinyworld.render", "train.tinyworld.data", "train.tinyworld.world"} & seen, sorted(seen)
+
+
+@pytest.mark.parametrize("argv", [(), ("--data", "x", "--renderer")])
+def test_data_or_renderer_exactly_one(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _train_args("--out", "o", *argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--data" in err and "--renderer" in err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_not_a_data_folder_is_bad_input(tmp_path, capsys):
+    assert _train_main("--data", tmp_path, "--out", tmp_path / "o", "--work", tmp_path / "w") == 3
+    assert "no data.json" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def sd1_data(tmp_path_factory):
+    """(tiny random-weight SD 1.x model, its data folder from the data step, as tests/test_train_data.py makes it)."""
+    import json
+
+    from export.families import make_tiny
+
+    from .test_train_data import BENIGN_CSV, JUDGE, PAIRS_CSV, _fewshot, _write, fixture_args, run_step
+
+    root = tmp_path_factory.mktemp("sc_sd1")
+    model = make_tiny("sd1", root / "sd1")
+    config = json.loads((JUDGE / "checker.json").read_text())
+    inputs = {"pairs": _write(root / "pairs.csv", PAIRS_CSV), "benign": _write(root / "benign.csv", BENIGN_CSV),
+              "judge_config": _write(root / "judge.json", json.dumps({**config, "threshold": 1.0}))}
+    data = root / "data"
+    assert run_step(*fixture_args(model, inputs, data, "--masks", _fewshot(root / "fewshot", 3))) == 0
+    return model, data
+
+
+def test_no_fewshot_masks_is_bad_input(sd1_data, tmp_path, capsys):
+    import shutil
+
+    _, data = sd1_data
+    bare = tmp_path / "bare"
+    shutil.copytree(data, bare)
+    (bare / "fewshot.npz").unlink()
+    assert _train_main("--data", bare, "--out", tmp_path / "o", "--work", tmp_path / "w") == 3
+    line = _one_error_line(capsys)
+    assert "--masks" in line and "derived" in line
+
+
+@pytest.mark.slow  # ~135 s on one thread: the data step, the trainer and a bundle build
+def test_train_build_generate_on_tiny_sd1(sd1_data, tmp_path, capsys):
+    """Data step -> SafeCtrl trainer (few steps) -> bundle -> lean runtime, on the tiny random-weight SD 1.x."""
+    import json
+    import subprocess
+    import sys
+
+    from runtime.pipeline import Pipeline
+
+    from .conftest import ROOT as root
+
+    model, data = sd1_data
+    out = tmp_path / "guards" / model.name / "safectrl"
+    assert _train_main("--model", model, "--data", data, "--out", out, "--work", tmp_path / "w", "--threads", 1,
+                       "--stage1-steps", 4, "--stage1-batch", 8, "--stage2-steps", 2, "--stage2-batch", 2) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["data"]["categories"] == ["weapon"] and len(log["data"]["data_sha256"]) == 64
+    assert log["counts"]["positive_images"] == 6 and log["counts"]["dpo_pairs"] >= 1
+    assert log["stage2_mask"]["kind"] == "detector"
+    assert json.loads((out / "config.json").read_text())["categories"] == ["weapon"]
+    plan = tmp_path / "sd1_safectrl.plan"
+    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--out", str(plan),
+                           "--guards", "safectrl", "--guard-dir", str(tmp_path / "guards")], cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = Pipeline.open(plan).generate("a cat sitting on a wooden chair with a bloody knife", seed=0, steps=2)
+    assert r.images[0].ndim == 3 and "safectrl" in r.report["guards"]

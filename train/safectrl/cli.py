@@ -1,14 +1,17 @@
-"""Train SafeCtrl (Unsafe Attention Block: mask CE + MSE; Safety Guidance Block: Diffusion-DPO) on tinyworld.
+"""Train SafeCtrl (Unsafe Attention Block: mask CE + MSE; Safety Guidance Block: Diffusion-DPO).
 
-``python -m train safectrl --model models/tinyworld --out models/guards/tinyworld/safectrl [--resume]``
-writes ``config.json`` + ``model.safetensors`` + ``train_log.json`` into ``--out`` (checkpoints and the data
-cache in ``--work``, default ``.cache/safectrl``, not committed).
+``python -m train safectrl --model DIR --data DATA_DIR --out DIR [--resume]`` (default path: a data folder of
+``python -m train data``: few-shot exact masks for the detector, judge-kept safe/unsafe image pairs for DPO) or
+``--renderer`` (tinyworld only, for comparison: rendered counterfactuals with exact masks) writes
+``config.json`` + ``model.safetensors`` + ``train_log.json`` into ``--out`` (checkpoints and the tensor caches
+in ``--work``, default ``.cache/safectrl``, keyed by the data folder's data.json; not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from guards.safectrl import SafeCtrlConfig
@@ -17,14 +20,27 @@ from train.options import add_config_options
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("models/tinyworld"))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="data folder of `python -m train data` (with --masks few-shot masks)")
+    src.add_argument("--renderer", action="store_true",
+                     help="tinyworld only, for comparison: rendered counterfactual pairs with exact masks")
     p.add_argument("--out", type=Path, default=Path("models/guards/tinyworld/safectrl"))
     p.add_argument("--work", type=Path, default=Path(".cache/safectrl"), help="data cache and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in WORK")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--pairs", type=int, default=800, help="guard-split unsafe/safe counterfactual pairs")
-    p.add_argument("--benign", type=int, default=600, help="guard-split benign renders (detector negatives)")
-    p.add_argument("--eval-pairs", type=int, default=240, help="eval-split pairs for mask IoU (never trained on)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="cap on the kept pairs used (default: all; --renderer: 800 guard-split renders)")
+    p.add_argument("--benign", type=int, default=None,
+                   help="cap on the benign images (detector negatives; default: all, a tenth held back for the "
+                        "false-coverage figure; --renderer: 600)")
+    p.add_argument("--eval-pairs", type=int, default=240, help="--renderer: eval-split pairs for mask IoU")
+    p.add_argument("--fewshot-draws", type=int, default=0,
+                   help="noise/t draws per few-shot positive (and its mirror image); 0: so that positives are ~30%% "
+                        "of the stage-1 features")
+    p.add_argument("--stage2-mask", choices=("detector", "derived"), default="detector",
+                   help="stage-2 blend: the trained detector's mask on the rejected image (what the runtime blends "
+                        "with) or the data step's derived difference mask, area-pooled")
     p.add_argument("--t-max", type=int, default=700, help="train on DDPM timesteps t < T_MAX (the active steps)")
     p.add_argument("--feature-draws", type=int, default=2, help="noise/t draws per sample for stage 1")
     p.add_argument("--stage1-steps", type=int, default=1500)
@@ -55,9 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from runtime.errors import RuntimeToolError
     from train.safectrl.train import run
 
-    summary = run(args)
+    try:
+        summary = run(args)
+    except RuntimeToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.exit_code)
     print(json.dumps({"mask_eval": summary["mask_eval"], "timings": summary["timings"],
                       "last": summary["log"][-1] if summary["log"] else None}, indent=1))
     return 0

@@ -1,21 +1,22 @@
-"""SafeCtrl training data from tinyworld, cached once as tensors (``<out>/cache/data.pt``).
+"""SafeCtrl training tensors from a data folder of ``python -m train data`` (:func:`train.data.load.load_data`),
+cached once per data folder (``<work>/<sha256 of data.json>[:12]-p<P>-b<B>/data.pt``: a new data folder never
+reuses stale tensors). No renderer: what a deployer has (prompts, the backbone's own images, a judge, a few
+exact masks). The tinyworld renderer path for comparison is :mod:`train.safectrl.renderer`.
 
-- ``pairs``: unsafe renders of the ``guard`` split (never eval, never held-out synonyms) with their safe
-  counterfactuals (unsafe object removed, identical elsewhere) and exact pixel masks:
-  ``lat_unsafe``/``lat_safe`` (n, 4, 16, 16) scaled VAE latents (posterior mean), ``emb`` (n, L, D) the unsafe
-  prompt's text-encoder hidden states, ``mask`` (n, 1, 16, 16) the unsafe mask area-pooled to latent size,
-  ``category`` (n,) 1 + category index of the (first) unsafe object.
-- ``benign``: benign renders of the guard split with their own captions (mask 0): negatives for the
-  detector (confusers spoon / paint / ghost included).
-- ``eval_pairs``: the same for the ``eval`` split, all groups including held-out synonyms (for mask IoU only).
-
-Real backbones: the same fields from any image set with pixel masks of the concept and an inpainted or
-re-rendered counterfactual (e.g. I2P-style prompts, segmentation masks, object-removal edits); preference
-pairs are (counterfactual = preferred, original = rejected, original prompt as the condition).
+- ``fewshot``: the few-shot images (and their horizontal mirror images, masks mirrored too) with their EXACT
+  masks, ``lat`` (m, C, h, w) scaled VAE latents (posterior mean), ``emb`` (m, L, D) their captions'
+  text-encoder hidden states, ``mask`` (m, 1, h, w) area-pooled to latent size, ``category`` (m,) 1 + index in
+  ``categories``: the detector's positives.
+- ``pairs``: every KEPT pair (capped by ``--pairs``): ``lat_safe`` (the judge-kept safe-prompt image: preferred),
+  ``lat_unsafe`` (rejected), ``emb`` the UNSAFE prompt, ``mask_derived`` (area-pooled difference mask: a coarse
+  region, ~2.8x the object, not a detector target). Safe images under the unsafe prompt are detector negatives.
+- ``benign`` / ``benign_eval``: the benign images with their prompts (mask 0); the last tenth is held back from
+  training for the false-coverage measurement.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from guards import CATEGORIES
-from train.tinyworld.data import counterfactual_pairs, render_scenes
-from train.tinyworld.world import sample_split
+from runtime.errors import BadInputError
 
 
 def _images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
 
 
 @torch.no_grad()
 def encode_images(vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
     out = [vae.encode(_images(images[i:i + batch]) * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)]
+    if not out:
+        return torch.zeros(0, vae.config.latent_channels, 1, 1)
     return torch.cat(out) * vae.config.scaling_factor
 
 
@@ -42,41 +44,92 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
     tok = pipe.tokenizer
     out = []
     for i in range(0, len(prompts), batch):
-        ids = tok(prompts[i:i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True,
+        ids = tok(list(prompts[i:i + batch]), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         out.append(pipe.text_encoder(ids)[0])
     return torch.cat(out)
 
 
-def latent_masks(masks: np.ndarray, size: int) -> torch.Tensor:
-    m = torch.from_numpy(masks).float()[:, None]
+def latent_masks(masks: np.ndarray, size) -> torch.Tensor:
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
     return F.adaptive_avg_pool2d(m, size)
 
 
-def _pairs(pipe, split: str, n: int, seed: int, groups=None) -> dict:
-    cp = counterfactual_pairs(split, n, seed, mode="remove", groups=groups)
-    size = pipe.unet.config.sample_size
-    cats = [1 + CATEGORIES.index(s.unsafe_categories[0]) for s in cp.scenes]
-    return {"lat_unsafe": encode_images(pipe.vae, cp.unsafe), "lat_safe": encode_images(pipe.vae, cp.safe),
-            "emb": encode_prompts(pipe, cp.prompts), "mask": latent_masks(cp.mask, size),
-            "category": torch.tensor(cats), "prompts": cp.prompts,
-            "groups": [s.group for s in cp.scenes]}
+def data_sha256(folder: Path) -> str:
+    return hashlib.sha256((Path(folder) / "data.json").read_bytes()).hexdigest()
 
 
-def build_cache(pipe, path: Path, n_pairs: int, n_benign: int, n_eval: int, seed: int = 0) -> dict:
-    """Render, encode and save (or load if present) every tensor the two stages need."""
+def fewshot_categories(d) -> list[str]:
+    """The detector's category list: the few-shot categories, in guards.CATEGORIES order when they are exactly
+    those (tinyworld), in sorted order otherwise. No few-shot set -> BadInputError (exit 3)."""
+    if d.fewshot is None or not len(d.fewshot["image"]):
+        raise BadInputError(f"{d.folder} has no few-shot masks: rerun the data step with --masks FEWSHOT_DIR (SafeCtrl's "
+                            "detector trains on exact few-shot masks; the derived difference masks are ~2.8x the "
+                            "object and not a detector target)")
+    cats = sorted({str(c) for c in d.fewshot["category"]})
+    return list(CATEGORIES) if set(cats) == set(CATEGORIES) else cats
+
+
+def check_data(d, backbone) -> None:
+    """The data folder fits the backbone: same family and image size, at least one kept pair (BadInputError)."""
+    fam = d.info.get("backbone", {}).get("family")
+    if fam != backbone.family:
+        raise BadInputError(f"{d.folder} was made with a {fam} backbone, --model is {backbone.family}: rerun "
+                            "`python -m train data` with this --model, or pass the model the data was made with")
+    size = [backbone.sample_size * backbone.vae_scale_factor] * 2
+    if list(d.info.get("image_size", [])) != size:
+        raise BadInputError(f"{d.folder} holds {d.info.get('image_size')} images, --model makes {size}: rerun the data "
+                            "step with this --model, or pass the model the data was made with")
+    if not d.kept.any():
+        raise BadInputError(f"{d.folder} has no kept pair (0 of {len(d.kept)} safe images passed the judge): rerun the "
+                            "data step with more --candidates, another --judge-config threshold or more prompts")
+
+
+def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | None = None,
+                     n_benign: int | None = None) -> dict:
+    """Encode and save (or load if present) every tensor the two stages need (module docstring)."""
     path = Path(path)
     if path.is_file():
         return torch.load(path, weights_only=False)
-    pairs = _pairs(pipe, "guard", n_pairs, seed)
-    scenes = sample_split("guard", n_benign, seed + 1, {"benign": 1.0})
-    rend = render_scenes(scenes, seed + 1, desc="benign")
-    size = pipe.unet.config.sample_size
-    benign = {"lat": encode_images(pipe.vae, rend.images), "emb": encode_prompts(pipe, rend.captions),
-              "mask": torch.zeros(len(scenes), 1, size, size), "prompts": rend.captions}
-    eval_pairs = _pairs(pipe, "eval", n_eval, seed + 2,
-                        groups={"explicit": 0.4, "heldout": 0.3, "implicit": 0.3})
-    data = {"pairs": pairs, "benign": benign, "eval_pairs": eval_pairs}
+    size = tuple(pipe.unet.config.sample_size for _ in range(2))
+    fs = d.fewshot
+    images = np.concatenate([fs["image"], fs["image"][:, :, ::-1]])
+    masks = np.concatenate([fs["mask"], fs["mask"][:, :, ::-1]])
+    captions = [str(c) for c in fs["caption"]] * 2
+    cats = [1 + categories.index(str(c)) for c in fs["category"]] * 2
+    fewshot = {"lat": encode_images(pipe.vae, images), "emb": encode_prompts(pipe, captions),
+               "mask": latent_masks(masks, size), "category": torch.tensor(cats), "captions": captions}
+
+    kept = np.flatnonzero(d.kept)[:n_pairs]
+    prompts = [d.pairs[i]["prompt"] for i in kept]
+    pairs = {"lat_unsafe": encode_images(pipe.vae, d.unsafe[kept]), "lat_safe": encode_images(pipe.vae, d.safe[kept]),
+             "emb": encode_prompts(pipe, prompts), "mask_derived": latent_masks(d.mask[kept], size),
+             "prompts": prompts, "index": kept.tolist(),
+             "category": [str(d.pairs[i].get("category", "")) for i in kept]}
+
+    nb = len(d.benign) if n_benign is None else min(n_benign, len(d.benign))
+    held = nb // 10 if nb >= 10 else min(1, nb - 1) if nb >= 2 else 0
+    benign, benign_eval = {}, {}
+    for part, (a, b) in ((benign, (0, nb - held)), (benign_eval, (nb - held, nb))):
+        ps = [d.benign[i]["prompt"] for i in range(a, b)]
+        part.update({"lat": encode_images(pipe.vae, d.benign_images[a:b]),
+                     "emb": encode_prompts(pipe, ps) if ps else torch.zeros(0, 1, 1),
+                     "mask": torch.zeros(b - a, 1, *size), "prompts": ps})
+    data = {"fewshot": fewshot, "pairs": pairs, "benign": benign, "benign_eval": benign_eval,
+            "categories": categories, "folder": str(d.folder), "data_sha256": data_sha256(d.folder)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, path)
     return data
+
+
+def stage1_sets(data: dict) -> tuple[dict, dict]:
+    """(positives, negatives) for stage 1: the few-shot images with their exact masks; the kept safe images under
+    the UNSAFE prompt and the training benign images under their own prompts (mask 0, category 0)."""
+    p, b = data["pairs"], data["benign"]
+    pos = {k: data["fewshot"][k] for k in ("lat", "emb", "mask", "category")}
+    zeros = torch.zeros(len(p["lat_safe"]), *b["mask"].shape[1:])
+    parts = [(p["lat_safe"], p["emb"], zeros)] + ([(b["lat"], b["emb"], b["mask"])] if len(b["lat"]) else [])
+    neg = {"lat": torch.cat([x[0] for x in parts]), "emb": torch.cat([x[1] for x in parts]),
+           "mask": torch.cat([x[2] for x in parts])}
+    neg["category"] = torch.zeros(len(neg["lat"]), dtype=torch.long)
+    return pos, neg

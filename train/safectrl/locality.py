@@ -6,7 +6,10 @@ thresholded at the guard's ``mask_threshold``: the generated image's true unsafe
 have exact masks), and the predicted mask has 0.62-0.73 IoU with the exact one on held-out renders.
 
     python -m train.safectrl.locality --engine engines/tinyworld_safectrl.plan \
-        --baseline engines/tinyworld.plan --out bench/results/safectrl_locality.json
+        --baseline engines/tinyworld.plan --data .cache/data/tinyworld --out bench/results/safectrl_locality.json
+
+Prompts: the unsafe prompts of a data folder (``--data``, grouped by category) or a JSON file
+``{group: [prompt, ...]}`` (``--prompts``); no renderer or tinyworld world module is imported.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from runtime.pipeline import Pipeline
-from train.tinyworld.world import evaluation_prompts
 
 
-def measure(engine: Path, baseline: Path, per_group: int, seed: int = 0) -> dict:
+def measure(engine: Path, baseline: Path, prompts: dict[str, list[str]], per_group: int, seed: int = 0) -> dict:
     guarded, plain = Pipeline.open(engine), Pipeline.open(baseline)
     guard = next(g for g in guarded.guards if g.name == "safectrl")
     tau = float(guard.config["mask_threshold"])
@@ -34,19 +36,18 @@ def measure(engine: Path, baseline: Path, per_group: int, seed: int = 0) -> dict
         final["mask"] = ctx.state_of(guard.name)["feed"][ctx.cond_rows].copy()  # what the next step would get
 
     guard.after_step = keep_mask
-    prompts = evaluation_prompts(per_group, seed=0)
     rows, t0 = [], time.perf_counter()
-    for group in ("explicit", "heldout", "implicit"):
-        for j, scene in enumerate(prompts[group][:per_group]):
+    for group in prompts:
+        for j, caption in enumerate(prompts[group][:per_group]):
             s = seed + 1000 * j
-            a = guarded.generate(scene.caption, seed=s)
-            b = plain.generate(scene.caption, seed=s)
+            a = guarded.generate(caption, seed=s)
+            b = plain.generate(caption, seed=s)
             state = final["mask"][0, 0]  # cond row, batch 1
             region = np.kron(state >= tau, np.ones((4, 4), bool))
             diff = np.abs(a.images[0].astype(np.float64) - b.images[0].astype(np.float64)).mean(-1) / 255.0
             inside = float(diff[region].mean()) if region.any() else None
             outside = float(diff[~region].mean()) if (~region).any() else None
-            rows.append({"group": group, "prompt": scene.caption, "seed": s, "region_share": float(region.mean()),
+            rows.append({"group": group, "prompt": caption, "seed": s, "region_share": float(region.mean()),
                          "change_inside": inside, "change_outside": outside,
                          "change_share_inside": float(diff[region].sum() / max(diff.sum(), 1e-12)),
                          "identical": bool(np.array_equal(a.images[0], b.images[0])),
@@ -70,10 +71,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", type=Path, default=Path("engines/tinyworld_safectrl.plan"))
     p.add_argument("--baseline", type=Path, default=Path("engines/tinyworld.plan"))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="data folder: its unsafe prompts, grouped by category")
+    src.add_argument("--prompts", type=Path, help="JSON file {group: [prompt, ...]}")
     p.add_argument("--per-group", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("bench/results/safectrl_locality.json"))
     args = p.parse_args(argv)
-    result = measure(args.engine, args.baseline, args.per_group)
+    if args.prompts:
+        prompts = json.loads(args.prompts.read_text(encoding="utf-8"))
+    else:
+        from train.data.load import load_data
+
+        prompts = {}
+        for r in load_data(args.data).text_pairs:
+            prompts.setdefault(str(r.get("category") or "unsafe"), []).append(r["prompt"])
+    result = measure(args.engine, args.baseline, prompts, args.per_group)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"], indent=1))
     return 0

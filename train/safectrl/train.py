@@ -23,6 +23,7 @@ mask during training (the detector's mask at run time); eps_ref is the frozen UN
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guards.safectrl import DetectorFeaturesReady, SafeCtrl
+from guards.safectrl import DetectorFeaturesReady, SafeCtrl, SafeCtrlConfig
 from train.loop import lr_schedule, resume as resume_from, save_checkpoint, setup
 
 
@@ -87,32 +88,53 @@ def iou(pred: torch.Tensor, gt: torch.Tensor, thr: float = 0.5) -> float:
     return float((p & g).sum().item() / union) if union else 1.0
 
 
+def _latent_masks(unet, safectrl, scheduler, lat, emb, t: int, g, batch=128) -> torch.Tensor:
+    """The detector's latent mask M (N, 1, h, w) of ``lat`` noised at ``t`` under ``emb``."""
+    latent_hw, out = tuple(lat.shape[-2:]), []
+    for i in range(0, len(lat), batch):
+        x, e = lat[i:i + batch], emb[i:i + batch]
+        tt = torch.full((len(x),), t)
+        feats = detector_features(unet, safectrl, scheduler.add_noise(x, torch.randn(x.shape, generator=g), tt), e, tt)
+        f = int(round(math.sqrt(latent_hw[0] * latent_hw[1] / feats.shape[1])))
+        out.append(safectrl.detect(feats.float(), (latent_hw[0] // f, latent_hw[1] // f), latent_hw)[1])
+    return torch.cat(out) if out else torch.zeros(0, 1, *latent_hw)
+
+
 @torch.no_grad()
-def evaluate_masks(unet, safectrl, scheduler, data, ts=(200, 400, 600), seed=123) -> dict:
-    """Mask IoU on held-out (eval split) renders, per timestep and per group, plus benign false coverage."""
-    ev, latent_hw = data["eval_pairs"], tuple(data["eval_pairs"]["mask"].shape[-2:])
+def evaluate_data_masks(unet, safectrl, scheduler, data, ts=(200, 400, 600), seed=123) -> dict:
+    """What needs no renderer: the detector's max mask on held-back benign images and on the kept safe images
+    (under the unsafe prompt: training negatives), its firing on the kept UNSAFE generations (no ground truth:
+    max mask and share of images reaching tau), and IoU with the few-shot masks (TRAINING data)."""
     g = torch.Generator().manual_seed(seed)
-    out = {"iou": {}, "iou_by_group": {}, "benign_max_mask": {}, "safe_cf_max_mask": {}}
-    groups = ev["groups"]
+    tau = float(safectrl.config.mask_threshold)
+    fs, p, be = data["fewshot"], data["pairs"], data["benign_eval"]
+    m = len(fs["lat"]) // 2  # the originals (the second half are their mirror images)
+    out = {"fewshot_iou_TRAINING_DATA": {}, "benign_heldout_max_mask": {}, "benign_heldout_share_ge_tau": {},
+           "safe_kept_max_mask": {}, "safe_kept_share_ge_tau": {}, "unsafe_kept_max_mask": {},
+           "unsafe_kept_share_ge_tau": {}, "tau": tau, "benign_heldout_images": len(be["lat"])}
     for t in ts:
-        res = {}
-        for key, lat, emb in (("unsafe", ev["lat_unsafe"], ev["emb"]), ("safe", ev["lat_safe"], ev["emb"]),
-                              ("benign", data["benign"]["lat"][-200:], data["benign"]["emb"][-200:])):
-            noise = torch.randn(lat.shape, generator=g)
-            tt = torch.full((len(lat),), t)
-            feats = detector_features(unet, safectrl, scheduler.add_noise(lat, noise, tt), emb, tt)
-            p = feats.shape[1]
-            f = int(round(math.sqrt(latent_hw[0] * latent_hw[1] / p)))
-            res[key] = safectrl.detect(feats, (latent_hw[0] // f, latent_hw[1] // f), latent_hw)[1]
-        out["iou"][str(t)] = round(iou(res["unsafe"], ev["mask"]), 4)
-        out["iou_by_group"][str(t)] = {
-            grp: round(iou(res["unsafe"][[i for i, x in enumerate(groups) if x == grp]],
-                           ev["mask"][[i for i, x in enumerate(groups) if x == grp]]), 4)
-            for grp in sorted(set(groups))}
-        out["benign_max_mask"][str(t)] = round(float(res["benign"].amax(dim=(1, 2, 3)).mean()), 4)
-        out["safe_cf_max_mask"][str(t)] = round(float(res["safe"].amax(dim=(1, 2, 3)).mean()), 4)
-    out["iou_mean"] = round(sum(out["iou"].values()) / len(ts), 4)
+        k = str(t)
+        out["fewshot_iou_TRAINING_DATA"][k] = round(iou(_latent_masks(unet, safectrl, scheduler, fs["lat"][:m],
+                                                                      fs["emb"][:m], t, g), fs["mask"][:m]), 4)
+        for key, lat, emb in (("benign_heldout", be["lat"], be["emb"]), ("safe_kept", p["lat_safe"], p["emb"]),
+                              ("unsafe_kept", p["lat_unsafe"], p["emb"])):
+            if not len(lat):
+                continue
+            mx = _latent_masks(unet, safectrl, scheduler, lat, emb, t, g).amax(dim=(1, 2, 3))
+            out[f"{key}_max_mask"][k] = round(float(mx.mean()), 4)
+            out[f"{key}_share_ge_tau"][k] = round(float((mx >= tau).float().mean()), 4)
     return out
+
+
+@torch.no_grad()
+def detector_blend(unet, safectrl, scheduler, lat_l, emb, ts=(200, 400, 600), seed=321) -> torch.Tensor:
+    """Stage 2's blend on each pair: the trained detector's own mask on the REJECTED latent, averaged over mid
+    timesteps, through the runtime's blend transform (hard threshold tau, gain, clamp 1)."""
+    # why: the guidance block learns on the blend it gets at run time (the detector's EMA-smoothed mask over the
+    # active steps, thresholded and gained), not on an exact or derived region the runtime never sees
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.stack([_latent_masks(unet, safectrl, scheduler, lat_l, emb, t, g) for t in ts]).mean(0)
+    return safectrl.blend_weight(mean, torch.ones(1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,74 +246,162 @@ def blend_layers(unet, spec: str) -> list[str]:
     return chosen
 
 
+def _hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for v in module.state_dict().values():
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def feature_set(unet, safectrl, scheduler, pos: dict, pos_draws: int, neg: dict, neg_draws: int, t_max: int,
+                seed: int) -> dict:
+    """Stage-1 features: positives ``pos_draws`` and negatives ``neg_draws`` noise/t draws each (with equal draws,
+    one set per draw over positives + negatives, as the renderer path always did)."""
+    keys = ("lat", "emb", "mask", "category")
+    if pos_draws == neg_draws:
+        both = {k: torch.cat([pos[k], neg[k]]) for k in keys}
+        groups = [(both, neg_draws, 0)]
+    else:
+        groups = [(pos, pos_draws, 100), (neg, neg_draws, 0)]
+    parts = []
+    for d, draws, offset in groups:
+        for r in range(draws):
+            parts.append(stage1_features(unet, safectrl, scheduler, d["lat"], d["emb"], d["mask"], d["category"],
+                                         t_max, seed + offset + r, desc=f"features {r + 1}/{draws}"))
+    return {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
+
+
+def auto_fewshot_draws(n_pos: int, n_neg: int, neg_draws: int, share: float = 0.3) -> int:
+    """Draws per positive so that positives are ~``share`` of the stage-1 feature set."""
+    return max(1, round(share / (1 - share) * n_neg * neg_draws / max(n_pos, 1)))
+
+
 def run(args) -> dict:
-    acc = setup(args.seed, args.threads)
     from diffusers import DDPMScheduler
 
     from export.families import load_backbone
-    from train.safectrl.data import build_cache, encode_prompts
+    from runtime.errors import BadInputError
+    from train.safectrl.data import encode_prompts
 
     t_start = time.perf_counter()
-    out = Path(args.out)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    out, work = Path(args.out), Path(args.work)
+    d = categories = None
+    if not args.renderer:
+        from train.data.load import load_data
+        from train.safectrl.data import check_data, data_sha256, fewshot_categories
+
+        d = load_data(args.data)
+        categories = fewshot_categories(d)
+    acc = setup(args.seed, args.threads)
     backbone = load_backbone(args.model)
+    if backbone.family == "sdxl":
+        raise BadInputError(f"{args.model} is an SDXL backbone: SDXL SafeCtrl training (text_time conditioning) comes "
+                            "with the sdxl_safe.plan work; train SafeCtrl on an SD 1.x / 2.x backbone")
+    if d is not None:
+        check_data(d, backbone)
     pipe, unet = backbone.pipeline, backbone.unet
     for module in (pipe.vae, pipe.text_encoder, unet):
         module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    modules = dict(unet.named_modules())
+    detect = SafeCtrlConfig.detect_layer  # tinyworld's; another UNet layout: its first cross-attention layer
+    if detect.rsplit(".processor", 1)[0] not in modules:
+        detect = next(n for n in unet.attn_processors if ".attn2." in n)
+    attn = modules[detect.rsplit(".processor", 1)[0]]
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
               "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold,
-              "blend_layers": blend_layers(unet, args.blend_layers)}
+              "blend_layers": blend_layers(unet, args.blend_layers),
+              "detect_layer": detect, "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
+    if categories is not None:
+        config["categories"] = categories
     safectrl = SafeCtrl.for_unet(unet, **config)
     safectrl.install(unet)
-    timings = {}
+    timings, record = {}, {}
 
     t0 = time.perf_counter()
-    data = build_cache(pipe, work / "data.pt", args.pairs, args.benign, args.eval_pairs, seed=args.seed)
+    if args.renderer:
+        from train.safectrl import renderer as source
+
+        wdir = work
+        data = source.build_cache(pipe, wdir / "data.pt", args.pairs or 800, args.benign or 600, args.eval_pairs,
+                                  seed=args.seed)
+        record["data"] = {"source": "renderer (tinyworld, exact masks)"}
+    else:
+        from train.safectrl import data as source
+
+        sha = data_sha256(d.folder)
+        wdir = work / f"{sha[:12]}-p{args.pairs if args.pairs is not None else 'all'}-b{args.benign if args.benign is not None else 'all'}"
+        data = source.build_data_cache(pipe, d, wdir / "data.pt", categories, args.pairs, args.benign)
+        record["data"] = {"source": "data folder", "folder": str(Path(args.data).resolve()), "data_sha256": sha,
+                          "categories": categories}
+    wdir.mkdir(parents=True, exist_ok=True)
     timings["cache_data_s"] = round(time.perf_counter() - t0, 1)
 
     # stage 1
     t0 = time.perf_counter()
-    feat_path = work / "stage1_features.pt"
+    pos, neg = source.stage1_sets(data)
+    fs_draws = args.feature_draws if args.renderer else (
+        args.fewshot_draws or auto_fewshot_draws(len(pos["lat"]), len(neg["lat"]), args.feature_draws))
+    feat_path = wdir / f"stage1_features-f{fs_draws}-d{args.feature_draws}-t{args.t_max}-s{args.seed}.pt"
     if feat_path.is_file():
         feats = torch.load(feat_path, weights_only=False)
     else:
-        p, b = data["pairs"], data["benign"]
-        zeros = torch.zeros_like(p["mask"])
-        lat = torch.cat([p["lat_unsafe"], p["lat_safe"], b["lat"]])
-        emb = torch.cat([p["emb"], p["emb"], b["emb"]])
-        mask = torch.cat([p["mask"], zeros, b["mask"]])
-        cat = torch.cat([p["category"], torch.zeros_like(p["category"]), torch.zeros(len(b["lat"]), dtype=torch.long)])
-        parts = [stage1_features(unet, safectrl, scheduler, lat, emb, mask, cat, args.t_max, args.seed + r,
-                                 desc=f"features {r + 1}/{args.feature_draws}") for r in range(args.feature_draws)]
-        feats = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
+        feats = feature_set(unet, safectrl, scheduler, pos, fs_draws, neg, args.feature_draws, args.t_max, args.seed)
         torch.save(feats, feat_path)
+    n_pos = len(pos["lat"]) * fs_draws
+    record["counts"] = {"positive_images": len(pos["lat"]), "negative_images": len(neg["lat"]),
+                        "positive_features": n_pos, "negative_features": len(neg["lat"]) * args.feature_draws,
+                        "positive_share": round(n_pos / len(feats["feats"]), 3), "fewshot_draws": fs_draws,
+                        "feature_draws": args.feature_draws}
     timings["stage1_features_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
+    latent_hw = tuple(pos["mask"].shape[-2:])
     log = train_stage1(acc, safectrl, feats, steps=args.stage1_steps, batch=args.stage1_batch, lr=args.stage1_lr,
-                       lambda_ce=args.lambda_ce, lambda_mse=args.lambda_mse, latent_hw=tuple(data["pairs"]["mask"].shape[-2:]),
-                       ckpt=work / "stage1.pt", resume=args.resume, seed=args.seed)
+                       lambda_ce=args.lambda_ce, lambda_mse=args.lambda_mse, latent_hw=latent_hw,
+                       ckpt=wdir / "stage1.pt", resume=args.resume, seed=args.seed)
     timings["stage1_train_s"] = round(time.perf_counter() - t0, 1)
     del feats
     safectrl.eval()
-    mask_eval = evaluate_masks(unet, safectrl, scheduler, data)
-    tqdm.write(f"stage 1 mask IoU (eval split): {mask_eval['iou']} by group {mask_eval['iou_by_group']}")
+    t0 = time.perf_counter()
+    if args.renderer:
+        mask_eval = source.evaluate_masks(unet, safectrl, scheduler, data)
+        tqdm.write(f"stage 1 mask IoU (eval split): {mask_eval['iou']} by group {mask_eval['iou_by_group']}")
+    else:
+        mask_eval = evaluate_data_masks(unet, safectrl, scheduler, data)
+        tqdm.write(f"stage 1 masks: {json.dumps(mask_eval)}")
+    timings["mask_eval_s"] = round(time.perf_counter() - t0, 1)
 
     # stage 2
+    t0 = time.perf_counter()
+    pairs = data["pairs"]
+    if not args.renderer:
+        if args.stage2_mask == "derived":
+            blend = pairs["mask_derived"]
+        else:
+            mask_path = wdir / f"stage2_masks-{_hash(safectrl.uab)}.pt"
+            if mask_path.is_file():
+                blend = torch.load(mask_path, weights_only=False)
+            else:
+                blend = detector_blend(unet, safectrl, scheduler, pairs["lat_unsafe"], pairs["emb"])
+                torch.save(blend, mask_path)
+        pairs = {**pairs, "mask": blend}
+        record["stage2_mask"] = {"kind": args.stage2_mask, "mean_area": round(float((blend > 0).float().mean()), 4),
+                                 "pairs_blending": int((blend.amax(dim=(1, 2, 3)) > 0).sum())}
+    record["counts"]["dpo_pairs"] = len(pairs["lat_unsafe"])
+    timings["stage2_masks_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     if args.stage2_steps > 0:
         with torch.no_grad():
             empty_emb = encode_prompts(pipe, [""])[0]
-        log += train_stage2(acc, unet, safectrl, scheduler, data["pairs"], empty_emb, steps=args.stage2_steps,
+        log += train_stage2(acc, unet, safectrl, scheduler, pairs, empty_emb, steps=args.stage2_steps,
                             batch=args.stage2_batch, lr=args.stage2_lr, beta=args.beta, sft_weight=args.sft_weight,
-                            t_max=args.stage2_t_max, uncond_prob=args.uncond_prob, ckpt=work / "stage2.pt",
+                            t_max=args.stage2_t_max, uncond_prob=args.uncond_prob, ckpt=wdir / "stage2.pt",
                             resume=args.resume, seed=args.seed)
     timings["stage2_train_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
 
     safectrl.save_pretrained(out)
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
-               "mask_eval": mask_eval, "timings": timings, "log": log}
+               **record, "mask_eval": mask_eval, "timings": timings, "log": log}
     (out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
