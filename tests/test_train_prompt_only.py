@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import ExitCode
+from train.data.load import load_data
 
 from .test_train_data import _imports_of, _module_file, fixture_args, inputs, run_step, tiny  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED = ("saferedir",)  # safepatch, safectrl: joined when their --data path lands
+TRAINED = ("saferedir", "safectrl")  # safepatch: joined when its --data path lands
 FEW_STEPS = {
     "saferedir": ["--cls-steps", "4", "--gen-steps", "2", "--text-prompts", "8", "--batch", "8", "--gen-batch", "2"],
     "safepatch": ["--steps", "2", "--batch-size", "4"],
@@ -57,7 +59,12 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     for guard in TRAINED:
         assert train(guard, model, data, guard_root / model.name / guard, tmp_path / "work") == 0, guard
         log = json.loads((guard_root / model.name / guard / "train_log.json").read_text())
-        assert str(data) in json.dumps(log), f"{guard}'s train_log.json does not name its data folder"
+        assert data.name in json.dumps(log) and load_data(data).sha256 in json.dumps(log), \
+            f"{guard}'s train_log.json does not name its data folder"
+    # SafeCtrl: the detector's categories are the few-shot set's; stage 2 blends by the detector's own mask
+    log = json.loads((guard_root / model.name / "safectrl" / "train_log.json").read_text())
+    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4
+    assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
@@ -66,13 +73,12 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     assert build.returncode == 0, build.stderr[-2000:]
     png = tmp_path / "out.png"
     gen = subprocess.run([sys.executable, "-m", "runtime", "generate", "--engine", str(plan), "--prompt",
-                          "a cat sitting on a wooden chair with a bloody knife", "--steps", "3", "--out", str(png)],
+                          "a cat sitting on a wooden chair with a bloody knife", "--steps", "3", "--out", str(png),
+                          "--report", str(png.with_suffix(".json"))],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert gen.returncode in (0, int(ExitCode.BLOCKED)), gen.stderr[-2000:]
-    report = json.loads(png.with_suffix(".json").read_text()) if png.with_suffix(".json").exists() else None
-    if gen.returncode == 0:
-        assert png.stat().st_size > 0 and report is not None
-        assert [g["name"] for g in report["guards"]][:3] == list(TRAINED)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    report = json.loads(png.with_suffix(".json").read_text())
+    assert png.stat().st_size > 0 and list(report["guards"]) == list(TRAINED)
 
 
 @pytest.mark.parametrize("guard", TRAINED)
@@ -95,6 +101,25 @@ def test_data_folder_of_another_backbone_is_refused(guard, fixture_data, tmp_pat
 
 
 @pytest.mark.parametrize("guard", TRAINED)
+def test_not_a_data_folder_is_refused_in_one_line(guard, tmp_path, capsys):
+    assert train(guard, ROOT / "models" / "tinyworld", tmp_path, tmp_path / "out", tmp_path / "work") == \
+        ExitCode.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no data.json" in err[-1], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_safectrl_needs_the_fewshot_masks(fixture_data, tmp_path, capsys):
+    model, data = fixture_data("sd1")
+    bare = tmp_path / "bare"
+    shutil.copytree(data, bare)
+    (bare / "fewshot.npz").unlink()
+    assert train("safectrl", model, bare, tmp_path / "out", tmp_path / "work") == ExitCode.BAD_INPUT
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "--masks" in line and "derived" in line
+
+
+@pytest.mark.parametrize("guard", TRAINED)
 def test_trainers_need_exactly_one_source(guard, tmp_path, capsys):
     from train.__main__ import main
 
@@ -112,7 +137,7 @@ def test_material_path_never_imports_the_renderer(guard):
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name == f"train.{guard}.renderer":  # the --renderer comparison's only door
             continue
         seen.add(name)
         parts = name.split(".")

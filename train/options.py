@@ -4,6 +4,7 @@ a CLI never types a config default again."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_config_options(parser: argparse.ArgumentParser, schema, helps: dict[str, str]) -> None:
@@ -22,20 +23,21 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     backbone and a judge; the default recipe) or ``--renderer`` (tinyworld's privileged renderer, for comparison).
     Exactly one is required: argparse exits 2 naming both otherwise."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=str, default=None, metavar="DATA_DIR",
+    source.add_argument("--data", type=Path, default=None, metavar="DATA_DIR",
                         help="a data folder written by `python -m train data` (the prompt-only recipe)")
     source.add_argument("--renderer", action="store_true",
                         help="tinyworld only: train on renders from tinyworld's renderer (the privileged comparison)")
 
 
 def run_trainer(fit, args):
-    """``fit(args)``, with a bad data folder or backbone mismatch reported as one ``error:`` line and exit 3."""
+    """``fit(args)``; a user error (a bad data folder, a backbone mismatch: :class:`RuntimeToolError`) is one
+    ``error:`` line on stderr and its exit code (3 for bad input), nothing else."""
     import sys
 
-    from runtime.errors import BadInputError, ExitCode
+    from runtime.errors import RuntimeToolError
 
     try:
         return fit(args)
-    except BadInputError as e:
+    except RuntimeToolError as e:
         print(f"error: {e}", file=sys.stderr)
-        return int(ExitCode.BAD_INPUT)
+        return int(e.exit_code)

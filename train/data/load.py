@@ -8,6 +8,7 @@ with ``--resume``) and one of another format version is refused; both are a one-
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ class Data:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.info["image_size"])
+
+    @property
+    def sha256(self) -> str:
+        """The identity of the folder's content (``data.json`` names every chunk and input hash): cache keys."""
+        return hashlib.sha256((self.folder / DATA_JSON).read_bytes()).hexdigest()
 
 
 def _jsonl(path: Path) -> list[dict]:

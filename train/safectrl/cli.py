@@ -15,15 +15,12 @@ import sys
 from pathlib import Path
 
 from guards.safectrl import SafeCtrlConfig
-from train.options import add_config_options
+from train.options import add_config_options, add_source_options, run_trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("models/tinyworld"))
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="data folder of `python -m train data` (with --masks few-shot masks)")
-    src.add_argument("--renderer", action="store_true",
-                     help="tinyworld only, for comparison: rendered counterfactual pairs with exact masks")
+    add_source_options(p)
     p.add_argument("--out", type=Path, default=Path("models/guards/tinyworld/safectrl"))
     p.add_argument("--work", type=Path, default=Path(".cache/safectrl"), help="data cache and checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in WORK")
@@ -71,14 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from runtime.errors import RuntimeToolError
     from train.safectrl.train import run
 
-    try:
-        summary = run(args)
-    except RuntimeToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return int(e.exit_code)
+    summary = run_trainer(run, args)
+    if isinstance(summary, int):
+        return summary
     print(json.dumps({"mask_eval": summary["mask_eval"], "timings": summary["timings"],
                       "last": summary["log"][-1] if summary["log"] else None}, indent=1))
     return 0

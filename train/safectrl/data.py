@@ -55,10 +55,6 @@ def latent_masks(masks: np.ndarray, size) -> torch.Tensor:
     return F.adaptive_avg_pool2d(m, size)
 
 
-def data_sha256(folder: Path) -> str:
-    return hashlib.sha256((Path(folder) / "data.json").read_bytes()).hexdigest()
-
-
 def fewshot_categories(d) -> list[str]:
     """The detector's category list: the few-shot categories, in guards.CATEGORIES order when they are exactly
     those (tinyworld), in sorted order otherwise. No few-shot set -> BadInputError (exit 3)."""
@@ -68,21 +64,6 @@ def fewshot_categories(d) -> list[str]:
                             "object and not a detector target)")
     cats = sorted({str(c) for c in d.fewshot["category"]})
     return list(CATEGORIES) if set(cats) == set(CATEGORIES) else cats
-
-
-def check_data(d, backbone) -> None:
-    """The data folder fits the backbone: same family and image size, at least one kept pair (BadInputError)."""
-    fam = d.info.get("backbone", {}).get("family")
-    if fam != backbone.family:
-        raise BadInputError(f"{d.folder} was made with a {fam} backbone, --model is {backbone.family}: rerun "
-                            "`python -m train data` with this --model, or pass the model the data was made with")
-    size = [backbone.sample_size * backbone.vae_scale_factor] * 2
-    if list(d.info.get("image_size", [])) != size:
-        raise BadInputError(f"{d.folder} holds {d.info.get('image_size')} images, --model makes {size}: rerun the data "
-                            "step with this --model, or pass the model the data was made with")
-    if not d.kept.any():
-        raise BadInputError(f"{d.folder} has no kept pair (0 of {len(d.kept)} safe images passed the judge): rerun the "
-                            "data step with more --candidates, another --judge-config threshold or more prompts")
 
 
 def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | None = None,
@@ -116,7 +97,7 @@ def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | 
                      "emb": encode_prompts(pipe, ps) if ps else torch.zeros(0, 1, 1),
                      "mask": torch.zeros(b - a, 1, *size), "prompts": ps})
     data = {"fewshot": fewshot, "pairs": pairs, "benign": benign, "benign_eval": benign_eval,
-            "categories": categories, "folder": str(d.folder), "data_sha256": data_sha256(d.folder)}
+            "categories": categories, "folder": str(d.folder), "data_sha256": d.sha256}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, path)
     return data

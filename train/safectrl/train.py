@@ -288,17 +288,18 @@ def run(args) -> dict:
     d = categories = None
     if not args.renderer:
         from train.data.load import load_data
-        from train.safectrl.data import check_data, data_sha256, fewshot_categories
+        from train.data.load import check_backbone
+        from train.safectrl.data import fewshot_categories
 
         d = load_data(args.data)
         categories = fewshot_categories(d)
     acc = setup(args.seed, args.threads)
     backbone = load_backbone(args.model)
-    if backbone.family == "sdxl":
-        raise BadInputError(f"{args.model} is an SDXL backbone: SDXL SafeCtrl training (text_time conditioning) comes "
-                            "with the sdxl_safe.plan work; train SafeCtrl on an SD 1.x / 2.x backbone")
     if d is not None:
-        check_data(d, backbone)
+        check_backbone(d, backbone, "safectrl")
+    elif backbone.family == "sdxl":
+        raise BadInputError("safectrl: training on an SDXL backbone is not supported yet (it arrives with the "
+                            "sdxl_safe.plan work): train on an SD 1.x / 2.x backbone")
     pipe, unet = backbone.pipeline, backbone.unet
     for module in (pipe.vae, pipe.text_encoder, unet):
         module.requires_grad_(False).eval()
@@ -329,7 +330,7 @@ def run(args) -> dict:
     else:
         from train.safectrl import data as source
 
-        sha = data_sha256(d.folder)
+        sha = d.sha256
         wdir = work / f"{sha[:12]}-p{args.pairs if args.pairs is not None else 'all'}-b{args.benign if args.benign is not None else 'all'}"
         data = source.build_data_cache(pipe, d, wdir / "data.pt", categories, args.pairs, args.benign)
         record["data"] = {"source": "data folder", "folder": str(Path(args.data).resolve()), "data_sha256": sha,

@@ -14,14 +14,13 @@ cached under ``--cache`` keyed by the data folder's ``data.json`` hash.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from train.data.load import DATA_JSON, Data, check_backbone, load_data
+from train.data.load import Data, check_backbone, load_data
 
 
 @torch.no_grad()
@@ -46,10 +45,6 @@ def safe_latents(pipe, images: np.ndarray, batch: int = 128) -> torch.Tensor:
     return torch.cat(out)
 
 
-def data_hash(data: Data) -> str:
-    return hashlib.sha256((data.folder / DATA_JSON).read_bytes()).hexdigest()
-
-
 def _cached(path: Path, make) -> dict[str, np.ndarray]:
     if path.is_file():
         with np.load(path) as f:
@@ -67,7 +62,7 @@ def build(pipe, data: Data, cache: Path, n_prompts: int | None, n_pairs: int | N
     kept = np.flatnonzero(data.kept)[:n_pairs]
     n_b = len(data.benign) if n_prompts is None else min(n_prompts, len(data.benign))
     n_u = len(data.pairs) if n_prompts is None else min(n_prompts, len(data.pairs))
-    key = f"data_{data_hash(data)[:16]}_p{n_b}-{n_u}_c{len(kept)}.npz"
+    key = f"data_{data.sha256[:16]}_p{n_b}-{n_u}_c{len(kept)}.npz"
 
     def make() -> dict[str, np.ndarray]:
         safe = [b["prompt"] for b in data.benign[:n_b]]
@@ -97,7 +92,7 @@ def text_samples(pipe, data: Data, cache: Path, n: int, seed: int) -> tuple[np.n
     safe = sorted(set(data.text_benign))
     unsafe = sorted({p["prompt"] for p in data.text_pairs})
     safe, unsafe = rng.sample(safe, min(n, len(safe))), rng.sample(unsafe, min(n, len(unsafe)))
-    key = f"text_{data_hash(data)[:16]}_n{n}_s{seed}.npz"
+    key = f"text_{data.sha256[:16]}_n{n}_s{seed}.npz"
     arrays = _cached(Path(cache) / key, lambda: {
         "emb": encode_prompts(pipe, safe + unsafe).numpy().astype(np.float32),
         "label": np.array([0] * len(safe) + [1] * len(unsafe), np.int64)})
@@ -119,7 +114,7 @@ class DataSource:
         return text_samples(self.pipe, self.data, self.args.cache, self.args.text_prompts, self.args.seed)
 
     def describe(self, d: dict) -> dict:
-        return {"source": "data", "data": str(self.data.folder), "data_sha256": data_hash(self.data), **counts(d)}
+        return {"source": "data", "data": str(self.data.folder), "data_sha256": self.data.sha256, **counts(d)}
 
 
 def counts(d: dict) -> dict:
