@@ -1,6 +1,6 @@
 """Train SafePatch (instruction-aware UNet encoder patch + prompt gate) for a backbone.
 
-    python -m train safepatch --model models/tinyworld --data .cache/data/tinyworld --out models/guards/tinyworld/safepatch
+    python -m train safepatch --model models/tinyworld --data .cache/data/tinyworld --out DIR
     python -m train safepatch --model DIR --data DATA_DIR --out DIR --steps 700 --resume
     python -m train safepatch --model models/tinyworld --renderer --out DIR     # tinyworld's renderer (comparison)
     accelerate launch --num_processes 2 --cpu -m train safepatch --model ... --data ... --out ...

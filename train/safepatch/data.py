@@ -101,8 +101,8 @@ def check_data(data, backbone, *, need_kept: bool) -> None:
     size = list(data.info.get("image_size") or [])
     if size != [backbone.image_size, backbone.image_size]:
         raise BadInputError(f"{folder} holds {'x'.join(map(str, size)) or 'unknown-size'} images, the backbone makes "
-                            f"{backbone.image_size}x{backbone.image_size}: run `python -m train data --model` with this "
-                            "backbone, or pass the --model the data folder was made with")
+                            f"{backbone.image_size}x{backbone.image_size}: run `python -m train data --model` with "
+                            "this backbone, or pass the --model the data folder was made with")
     family = (data.info.get("backbone") or {}).get("family")
     if family != backbone.family:
         raise BadInputError(f"{folder} was made with a {family} backbone, --model is {backbone.family}: run "
