@@ -314,7 +314,7 @@ def test_usage_errors(tmp_path, capsys):
         rc, _, err = _train_in_process(capsys, "--model", model, "--out", tmp_path / "out", *source)
         assert rc == 2 and "--data" in err and "--renderer" in err, err
     proc = _train("--model", model, "--out", tmp_path / "out", "--data", tmp_path)  # no data.json
-    lines = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 3 and len(lines) == 1 and "data.json" in lines[0], proc.stdout + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 

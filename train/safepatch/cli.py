@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from guards.safepatch import SafePatchConfig
 from runtime.errors import BadInputError, ExitCode
-from train.options import add_config_options
+from train.options import add_config_options, add_source_options
 
 RENDERER_DEFAULTS = {"unsafe": 2000, "benign": 1200, "gate_prompts": 4000}
 """--renderer: how many examples to render when --unsafe / --benign / --gate-prompts are not given."""
@@ -31,11 +32,7 @@ RENDERER_DEFAULTS = {"unsafe": 2000, "benign": 1200, "gate_prompts": 4000}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, default=None,
-                        help="data folder of `python -m train data` for this backbone (the default path)")
-    source.add_argument("--renderer", action="store_true",
-                        help="tinyworld only, for comparison: examples from tinyworld's renderer instead of --data")
+    add_source_options(p)  # exactly one of --data DATA_DIR (default recipe) / --renderer (tinyworld, comparison)
     p.add_argument("--out", type=Path, required=True, help="writes config.json, model.safetensors, train_log.json")
     p.add_argument("--cache", type=Path, default=Path(".cache/safepatch"), help="cached latents/embeddings")
     p.add_argument("--unsafe", type=int, default=None,
@@ -64,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bad(message: str) -> int:
-    print(f"error: {' '.join(message.split())}")
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return int(ExitCode.BAD_INPUT)
 
 
@@ -75,7 +72,7 @@ def main(args) -> int:
     from guards.safepatch import SafePatch, SafePatchGate, save
     from train.loop import setup
 
-    from .data import categories_and_instructions, check_data, data_sha256
+    from .data import categories_and_instructions, data_sha256
     from .train import fit_gate, fit_patch, pick_threshold
 
     setup(args.seed, threads=args.threads)
@@ -92,13 +89,11 @@ def main(args) -> int:
         backbone = load_backbone(args.model)
     except BackboneError as e:
         return _bad(str(e))
-    if backbone.family == "sdxl":
-        return _bad(f"{args.model} is an SDXL backbone: SDXL SafePatch training (the UNet's text_time "
-                    "added_cond_kwargs) comes with the sdxl_safe.plan work; train SD 1.x / 2.x or tinyworld here")
-
     if data is not None:
-        try:
-            check_data(data, backbone, need_kept=not args.gate_only)
+        from train.data.load import check_backbone
+
+        try:  # family, image size, latent channels, a kept pair; SDXL: its UNet needs text_time added_cond_kwargs
+            check_backbone(data, backbone, "SafePatch")
         except BadInputError as e:
             return _bad(str(e))
         categories, instructions = categories_and_instructions(data)
@@ -107,7 +102,7 @@ def main(args) -> int:
     else:
         from export.tensorrt import select_build_profile
 
-        if select_build_profile(backbone).get("family") != "tinyworld":
+        if backbone.family == "sdxl" or select_build_profile(backbone).get("family") != "tinyworld":
             return _bad(f"--renderer renders tinyworld scenes, {args.model} is not a tinyworld backbone: make a data "
                         "folder with `python -m train data --model` and pass --data")
         from guards import CATEGORIES

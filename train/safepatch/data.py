@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from guards import CATEGORIES
-from runtime.errors import BadInputError
 
 
 @torch.no_grad()
@@ -92,28 +91,6 @@ def categories_and_instructions(data) -> tuple[list[str], dict[str, str]]:
     if set(categories) == set(CATEGORIES) and len(categories) == len(CATEGORIES):
         categories = list(CATEGORIES)
     return categories, {c: by_category[c].most_common(1)[0][0] for c in categories}
-
-
-def check_data(data, backbone, *, need_kept: bool) -> None:
-    """Refuse a data folder made for another backbone (image size, family) or, when the patch trains, one without
-    a kept pair; one-line :class:`BadInputError` naming the folder and the fix."""
-    folder = data.folder
-    size = list(data.info.get("image_size") or [])
-    if size != [backbone.image_size, backbone.image_size]:
-        raise BadInputError(f"{folder} holds {'x'.join(map(str, size)) or 'unknown-size'} images, the backbone makes "
-                            f"{backbone.image_size}x{backbone.image_size}: run `python -m train data --model` with "
-                            "this backbone, or pass the --model the data folder was made with")
-    family = (data.info.get("backbone") or {}).get("family")
-    if family != backbone.family:
-        raise BadInputError(f"{folder} was made with a {family} backbone, --model is {backbone.family}: run "
-                            "`python -m train data --model` with this backbone, or pass the --model it was made with")
-    if not data.pairs and not data.text_pairs:
-        raise BadInputError(f"{folder} has no unsafe prompt pairs: rerun `python -m train data` with --pairs or "
-                            "--prompts/--rules that make pairs")
-    if need_kept and not data.kept.any():
-        raise BadInputError(f"{folder} has no kept pair (0 of {len(data.pairs)}: the judge passed no safe candidate): "
-                            "rerun `python -m train data` with more --candidates, a larger --max-changed or more "
-                            "pairs (--limit), or check the judge and its --judge-config")
 
 
 def patch_examples(backbone, data, instructions: dict[str, str], n_unsafe: int | None = None,
