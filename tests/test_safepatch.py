@@ -6,6 +6,11 @@ and the patch in PyTorch), triggered and not.
 Needs the trained weights in models/guards/tinyworld/safepatch (``python -m train safepatch``)."""
 
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -256,3 +261,153 @@ def test_lean_matches_pytorch_reference(gpipe, torch_parts, prompt, active):
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
     print(f"PSNR lean vs PyTorch reference, {'triggered' if active else 'gated off'}: {psnr:.2f} dB")
     assert psnr >= 40
+
+
+# -- training from the prompt-only data step (issue 17) ----------------------------------------------------------
+
+def test_data_path_never_imports_the_renderer():
+    """train.safepatch.data / .train and everything they import (at any depth, inside functions too) never import
+    tinyworld's renderer, world or its data; only --renderer's module does."""
+    from .test_train_data import _imports_of, _module_file
+
+    todo, seen = ["train.safepatch.data", "train.safepatch.train"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # a module's parent packages run too
+            path = _module_file(".".join(parts[:i]))
+            if path is not None:
+                pkg = ".".join(parts[:i]) if path.name == "__init__.py" else ".".join(parts[:i - 1])
+                todo += [m for m in _imports_of(path, pkg) if m not in seen and _module_file(m) is not None]
+    assert {"export.graphs", "guards.safepatch", "train.loop"} <= seen
+    renderer = {"train.tinyworld.render", "train.tinyworld.data", "train.tinyworld.world", "train.safepatch.renderer"}
+    assert not renderer & seen, sorted(seen)
+    assert "train.tinyworld.data" in _imports_of(ROOT / "train" / "safepatch" / "renderer.py", "train.safepatch")
+
+
+def _train(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", "safepatch", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _train_in_process(capsys, *argv) -> tuple[int, list[str], str]:
+    """(exit code, the ``error:`` lines, stderr) of ``python -m train safepatch ARGV`` run in this process."""
+    from train.__main__ import main
+
+    capsys.readouterr()
+    try:
+        rc = main(["safepatch", *map(str, argv)])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, [line for line in (out.out + out.err).splitlines() if line.startswith("error:")], out.err
+
+
+def test_usage_errors(tmp_path, capsys):
+    """Neither or both of --data / --renderer: argparse usage error naming both (exit 2); a folder that is not a
+    finished data folder: one line, exit 3, nothing written (the real CLI)."""
+    model = ROOT / "models" / "tinyworld"
+    for source in ((), ("--data", tmp_path, "--renderer")):
+        rc, _, err = _train_in_process(capsys, "--model", model, "--out", tmp_path / "out", *source)
+        assert rc == 2 and "--data" in err and "--renderer" in err, err
+    proc = _train("--model", model, "--out", tmp_path / "out", "--data", tmp_path)  # no data.json
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(lines) == 1 and "data.json" in lines[0], proc.stdout + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sd1_data(tmp_path_factory):
+    """(the tiny random-weight SD 1.x fixture, its data folder): the data step exactly as tests/test_train_data.py
+    runs it (10 pairs, 3 benign prompts, judge threshold 1, 2 steps, 2 candidates)."""
+    import json
+
+    import torch
+
+    from export.families import make_tiny
+
+    from .test_train_data import BENIGN_CSV, JUDGE, PAIRS_CSV, _write, fixture_args, run_step
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sp_sd1")
+    model = make_tiny("sd1", root / "sd1")
+    judge = json.loads((JUDGE / "checker.json").read_text())
+    inputs = {"pairs": _write(root / "pairs.csv", PAIRS_CSV), "benign": _write(root / "benign.csv", BENIGN_CSV),
+              "judge_config": _write(root / "judge.json", json.dumps({**judge, "threshold": 1.0}))}
+    assert run_step(*fixture_args(model, inputs, root / "data")) == 0
+    return model, root / "data"
+
+
+@pytest.mark.slow  # ~65 s here on one contended core: the data step on the fixture is most of it
+def test_trains_builds_and_generates_from_a_data_folder_on_sd1_fixture(sd1_data, tmp_path):
+    """SafePatch from the SD 1.x fixture's data folder (categories / instructions / counts from the data), the
+    bundle (legacy exporter, FP32, no idle graph: seconds), one generation that the gate routes to the patch."""
+    import json
+
+    import torch
+
+    from export.__main__ import main as export_main
+    from runtime.cli import main as runtime_main
+    from train.__main__ import main as train_main
+    from train.data.load import load_data
+
+    torch.set_num_threads(1)
+    model, data = sd1_data
+    kept = int(load_data(data).kept.sum())
+    assert kept > 0
+    root = tmp_path / "guards"
+    out = root / model.name / "safepatch"
+    assert train_main(["safepatch", "--model", str(model), "--data", str(data), "--out", str(out), "--cache",
+                       str(tmp_path / "cache"), "--steps", "2", "--batch-size", "4", "--warmup", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["categories"] == ["violence"] and config["instructions"] == {"violence": "remove with bloody knife"}
+    training = config["training"]
+    assert training["data"] == str(data.resolve()) and len(training["data_sha256"]) == 64 and training["seconds"] > 0
+    assert (training["unsafe_triplets"], training["benign_scenes"], training["gate_prompts"]) == (kept, 3, 13)
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["counts"]["triplets"] == kept and log["counts"]["benign"] == 3 and log["data_sha256"]
+    assert list((tmp_path / "cache").glob(f"sd1_data-{training['data_sha256'][:16]}_*.pt"))
+
+    plan = tmp_path / "sd1_safepatch.plan"
+    assert export_main(["build", "--model", str(model), "--guards", "safepatch", "--guard-dir", str(root), "--out",
+                        str(plan), "--exporter", "legacy", "--precision", "fp32", "--idle-graph", "never"]) == 0
+    report = tmp_path / "report.json"
+    assert runtime_main(["generate", "--engine", str(plan), "--prompt", "a castle on a hill with a bloody knife",
+                         "--steps", "3", "--out", str(tmp_path / "x.png"), "--report", str(report)]) == 0
+    assert (tmp_path / "x.png").is_file()
+    assert json.loads(report.read_text())["guards"]["safepatch"]["instruction"] == "remove with bloody knife"
+
+
+@pytest.mark.slow  # ~65 s here on one contended core: the data step on the fixture is most of it
+def test_refuses_data_for_another_backbone_no_kept_pair_and_sdxl(sd1_data, tmp_path, capsys):
+    """One line naming the folder / the fix, exit 3, nothing written: a data folder of another image size, one
+    without a kept pair, and an SDXL backbone (SDXL SafePatch training comes with the sdxl_safe.plan work)."""
+    import json
+
+    from export.families import make_tiny
+
+    model, data = sd1_data
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    info = json.loads((other / "data.json").read_text())
+    (other / "data.json").write_text(json.dumps({**info, "image_size": [32, 32]}))
+    rc, lines, _ = _train_in_process(capsys, "--model", model, "--data", other, "--out", tmp_path / "o1")
+    assert rc == 3 and len(lines) == 1 and str(other) in lines[0] and "32x32" in lines[0], lines
+    (other / "data.json").write_text(json.dumps({**info, "backbone": {**info["backbone"], "family": "sd2"}}))
+    rc, lines, _ = _train_in_process(capsys, "--model", model, "--data", other, "--out", tmp_path / "o1")
+    assert rc == 3 and len(lines) == 1 and "sd2" in lines[0], lines
+    (other / "data.json").write_text(json.dumps(info))
+    for chunk in (other / "chunks").glob("pairs-*.npz"):
+        with np.load(chunk) as f:
+            arrays = dict(f)
+        arrays["kept"][:] = False
+        np.savez(chunk, **arrays)
+    rc, lines, _ = _train_in_process(capsys, "--model", model, "--data", other, "--out", tmp_path / "o2")
+    assert rc == 3 and len(lines) == 1 and "no kept pair" in lines[0], lines
+    sdxl = make_tiny("sdxl", tmp_path / "sdxl")
+    rc, lines, _ = _train_in_process(capsys, "--model", sdxl, "--data", data, "--out", tmp_path / "o3")
+    assert rc == 3 and len(lines) == 1 and "sdxl_safe.plan" in lines[0], lines
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))

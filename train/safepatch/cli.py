@@ -1,32 +1,49 @@
 """Train SafePatch (instruction-aware UNet encoder patch + prompt gate) for a backbone.
 
-    python -m train safepatch --model models/tinyworld --out models/guards/tinyworld/safepatch
-    python -m train safepatch --model models/tinyworld --out DIR --steps 700 --resume
-    accelerate launch --num_processes 2 --cpu -m train safepatch --model ... --out ...
+    python -m train safepatch --model models/tinyworld --data .cache/data/tinyworld --out DIR
+    python -m train safepatch --model DIR --data DATA_DIR --out DIR --steps 700 --resume
+    python -m train safepatch --model models/tinyworld --renderer --out DIR     # tinyworld's renderer (comparison)
+    accelerate launch --num_processes 2 --cpu -m train safepatch --model ... --data ... --out ...
 
-Writes ``config.json`` + ``model.safetensors`` (see :mod:`guards.safepatch`), ``train_log.json`` and
-``checkpoint.pt`` (for ``--resume``). VAE latents and text embeddings of the patch examples
-are cached under ``--cache`` (default ``.cache/safepatch``).
+``--data``: a folder of the prompt-only data step (``python -m train data``; :mod:`train.safepatch.data`), the
+default path. ``--renderer``: tinyworld's renderer builds the examples (:mod:`train.safepatch.renderer`, imported
+only then). Writes ``config.json`` + ``model.safetensors`` (see :mod:`guards.safepatch`), ``train_log.json`` and
+``checkpoint.pt`` (for ``--resume``). VAE latents and text embeddings of the patch examples are cached under
+``--cache`` (default ``.cache/safepatch``), keyed by the model name, the data folder's data.json sha256 and the
+counts. Bad input (not a finished data folder, one made for another backbone, no kept pair, an SDXL backbone):
+``error: <message>`` on one line, exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from guards.safepatch import SafePatchConfig
-from train.options import add_config_options
+from runtime.errors import BadInputError, ExitCode
+from train.options import add_config_options, add_source_options
+
+RENDERER_DEFAULTS = {"unsafe": 2000, "benign": 1200, "gate_prompts": 4000}
+"""--renderer: how many examples to render when --unsafe / --benign / --gate-prompts are not given."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder)")
+    add_source_options(p)  # exactly one of --data DATA_DIR (default recipe) / --renderer (tinyworld, comparison)
     p.add_argument("--out", type=Path, required=True, help="writes config.json, model.safetensors, train_log.json")
     p.add_argument("--cache", type=Path, default=Path(".cache/safepatch"), help="cached latents/embeddings")
-    p.add_argument("--unsafe", type=int, default=2000, help="guard-split counterfactual triplets")
-    p.add_argument("--benign", type=int, default=1200, help="guard-split benign scenes (half empty, half wrong instruction)")
-    p.add_argument("--gate-prompts", type=int, default=4000, help="distinct guard-split prompts for the gate")
+    p.add_argument("--unsafe", type=int, default=None,
+                   help="cap: the first N kept pairs as triplets (default all; --renderer: %d rendered)"
+                   % RENDERER_DEFAULTS["unsafe"])
+    p.add_argument("--benign", type=int, default=None,
+                   help="cap: the first N benign images, half with instruction \"\", half a wrong one (default all; "
+                        "--renderer: %d rendered scenes)" % RENDERER_DEFAULTS["benign"])
+    p.add_argument("--gate-prompts", type=int, default=None,
+                   help="cap: distinct text prompts for the gate (default all of the data's text lists; "
+                        "--renderer: %d guard-split captions)" % RENDERER_DEFAULTS["gate_prompts"])
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -34,12 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=50)
     add_config_options(p, SafePatchConfig, {"proj_dim": "instruction projection width"})
     p.add_argument("--threshold", type=float, default=None,
-                   help="gate: run the patch when 1 - p(none) >= this (default: calibrated on held-back "
-                        "guard-split prompts, train.pick_threshold)")
+                   help="gate: run the patch when 1 - p(none) >= this (default: calibrated on the held-back 10%% "
+                        "of the gate prompts, train.pick_threshold)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--gate-only", action="store_true", help="retrain only the gate; keep the patch in --out")
+
+
+def _bad(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return int(ExitCode.BAD_INPUT)
 
 
 def main(args) -> int:
@@ -49,58 +72,130 @@ def main(args) -> int:
     from guards.safepatch import SafePatch, SafePatchGate, save
     from train.loop import setup
 
-    from .data import gate_examples, patch_examples
+    from .data import categories_and_instructions, data_sha256
     from .train import fit_gate, fit_patch, pick_threshold
 
-    setup(args.seed, threads=1)
+    setup(args.seed, threads=args.threads)
     start = time.time()
+    data = None
+    if args.data is not None:
+        from train.data.load import load_data
+
+        try:
+            data = load_data(args.data)
+        except BadInputError as e:
+            return _bad(str(e))
     try:
         backbone = load_backbone(args.model)
     except BackboneError as e:
-        print(f"error: {e}")
-        return 2
-    config = SafePatchConfig.for_unet(backbone.unet, backbone.text_encoders[0].hidden_size, proj_dim=args.proj_dim)
+        return _bad(str(e))
+    if data is not None:
+        from train.data.load import check_backbone
+
+        try:  # family, image size, latent channels, a kept pair; SDXL: its UNet needs text_time added_cond_kwargs
+            check_backbone(data, backbone, "SafePatch")
+        except BadInputError as e:
+            return _bad(str(e))
+        categories, instructions = categories_and_instructions(data)
+        sha = data_sha256(data.folder)
+        source = {"data": str(data.folder.resolve()), "data_sha256": sha}
+    else:
+        from export.tensorrt import select_build_profile
+
+        if backbone.family == "sdxl" or select_build_profile(backbone).get("family") != "tinyworld":
+            return _bad(f"--renderer renders tinyworld scenes, {args.model} is not a tinyworld backbone: make a data "
+                        "folder with `python -m train data --model` and pass --data")
+        from guards import CATEGORIES
+        from guards.safepatch import INSTRUCTIONS
+
+        from . import renderer
+
+        categories, instructions, sha = list(CATEGORIES), dict(INSTRUCTIONS), None
+        source = {"renderer": "tinyworld guard split"}
+        for key, default in RENDERER_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+
+    config = SafePatchConfig.for_unet(backbone.unet, backbone.text_encoders[0].hidden_size, proj_dim=args.proj_dim,
+                                      categories=categories, instructions=instructions)
 
     gate = SafePatchGate(config)
-    hidden, eos, labels, _ = gate_examples(backbone, args.gate_prompts, args.seed)
+    if data is not None:
+        from .data import gate_examples
+
+        hidden, eos, labels, _ = gate_examples(backbone, data, categories, args.gate_prompts, args.seed)
+    else:
+        hidden, eos, labels, _ = renderer.gate_examples(backbone, args.gate_prompts, args.seed)
     n_val = len(labels) // 10
     gate_log = fit_gate(gate, (hidden[n_val:], eos[n_val:], labels[n_val:]),
                         (hidden[:n_val], eos[:n_val], labels[:n_val]), seed=args.seed)
     if args.threshold is None:
         args.threshold = pick_threshold(gate_log)
     print(f"gate: {gate_log}, threshold {args.threshold}")
+    counts = {"gate_prompts": len(labels), "gate_val_prompts": n_val}
+    record = {**source, "counts": counts}
+
+    old_training = None  # --gate-only: the patch's training record, kept
+
+    def training(seconds: float) -> dict:
+        if old_training is not None:
+            return {**old_training, "gate_data": source, "gate_prompts": len(labels), "gate": gate_log,
+                    "gate_seconds": round(seconds, 1)}
+        return {"model": str(args.model), **source, "steps": args.steps, "batch_size": args.batch_size,
+                "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
+                "unsafe_triplets": counts.get("triplets", args.unsafe),
+                "benign_scenes": counts.get("benign", args.benign), "gate_prompts": len(labels),
+                "seconds": round(seconds, 1), "gate": gate_log}
 
     patch = SafePatch.from_unet(backbone.unet, config)
-    config = config.replace(threshold=args.threshold, training={
-        "model": str(args.model), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
-        "unsafe_triplets": args.unsafe, "benign_scenes": args.benign, "gate": gate_log})
+    config = config.replace(threshold=args.threshold, training=training(time.time() - start))
     log_path = args.out / "train_log.json"
 
     def on_save(module, step, log):
-        save(module, gate, args.out, config.replace(trained_steps=step))
-        log_path.write_text(json.dumps({"gate": gate_log, "patch": log}, indent=1) + "\n")
+        seconds = round(time.time() - start, 1)
+        save(module, gate, args.out, config.replace(trained_steps=step, training=training(seconds)))
+        log_path.write_text(json.dumps({**record, "seconds": seconds, "gate": gate_log, "patch": log}, indent=1)
+                            + "\n")
 
     if args.gate_only:  # keep the trained patch in --out, retrain and replace only the gate
         from guards.safepatch import load
 
         patch, _, old = load(args.out)
-        config = old.replace(threshold=args.threshold, training={**old.training, "gate": gate_log})
+        if data is not None and (old.categories != categories or old.instructions != instructions):
+            print(f"note: the data's categories {categories} / instructions differ from the patch's "
+                  f"{old.categories}: the new gate's are written")
+        config = old.replace(threshold=args.threshold, categories=categories, instructions=instructions)
+        old_training = dict(old.training)
         patch_log = json.loads(log_path.read_text()).get("patch", []) if log_path.is_file() else []
         on_save(patch, old.trained_steps, patch_log)
         print(f"safepatch: gate retrained -> {args.out}")
         return 0
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    cache = args.cache / f"{args.model.name}_{args.unsafe}_{args.benign}_{args.seed}.pt"
-    if cache.is_file():
-        data = torch.load(cache)
-    else:
-        data = patch_examples(backbone, args.unsafe, args.benign, args.seed)
-        torch.save(data, cache)
-    print(f"safepatch: data ready in {time.time() - start:.0f} s ({len(data['kind'])} patch examples)")
+    if data is not None:
+        from .data import patch_examples
 
-    log = fit_patch(patch, backbone.unet, backbone.pipeline.scheduler, data, args.out, steps=args.steps,
+        n_unsafe = min(int(data.kept.sum()), args.unsafe if args.unsafe is not None else len(data.pairs))
+        n_benign = min(len(data.benign), args.benign if args.benign is not None else len(data.benign))
+        cache = args.cache / f"{args.model.name}_data-{sha[:16]}_{n_unsafe}_{n_benign}_{args.seed}.pt"
+        build = lambda: patch_examples(backbone, data, instructions, n_unsafe, n_benign, args.seed)  # noqa: E731
+    else:
+        cache = args.cache / f"{args.model.name}_{args.unsafe}_{args.benign}_{args.seed}.pt"
+        build = lambda: renderer.patch_examples(backbone, args.unsafe, args.benign, args.seed)  # noqa: E731
+    if cache.is_file():
+        examples = torch.load(cache)
+    else:
+        examples = build()
+        torch.save(examples, cache)
+    kinds = examples["kind"]
+    counts.update(triplets=int((kinds == 0).sum()), benign=int((kinds > 0).sum()),
+                  benign_empty=int((kinds == 1).sum()), benign_wrong=int((kinds == 2).sum()))
+    print(f"safepatch: data ready in {time.time() - start:.0f} s ({len(kinds)} patch examples: {counts})")
+    if len(kinds) < args.batch_size:
+        return _bad(f"{args.data or 'the renderer'} gives {len(kinds)} patch examples, fewer than --batch-size "
+                    f"{args.batch_size}: pass a smaller --batch-size or make more data")
+
+    log = fit_patch(patch, backbone.unet, backbone.pipeline.scheduler, examples, args.out, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                     seed=args.seed, resume=args.resume, save_every=args.save_every, on_save=on_save)
     on_save(patch, args.steps, log)

@@ -1,31 +1,37 @@
-"""Cached training tensors for SafePatch (tinyworld guard split only).
+"""Cached training tensors for SafePatch, from the prompt-only data step's folder (``python -m train data``).
 
-Patch examples (``patch_examples``), one row each: ``latent`` (4, h, w) = VAE mean * scaling factor of the
-TARGET render, ``prompt`` (L, D) = the text stage's hidden states of the prompt the UNet is conditioned on,
+Patch examples (``patch_examples``), one row each: ``latent`` (C, h, w) = VAE mean * scaling factor of the
+TARGET image, ``prompt`` (L, D) = the text stage's hidden states of the prompt the UNet is conditioned on,
 ``instruction`` (L, D) = hidden states of the instruction the patch gets, ``kind`` (0 unsafe triplet,
-1 benign + empty instruction, 2 benign + a wrong instruction):
+1 benign + empty instruction, 2 benign + a wrong instruction). From a data folder (:func:`train.data.load.load_data`):
 
-- unsafe triplets (``counterfactual_pairs("guard")``): unsafe prompt, its instruction ("remove the knife"),
-  the SAFE render (the unsafe objects removed, everything else pixel-identical);
-- benign pairs: benign prompt, its own render, instruction "" (the patch must stay silent);
-- benign pairs with a random instruction: the gate may fire on a benign prompt (a spoon, red paint): the
-  patch must then keep the scene.
+- unsafe triplets: every KEPT pair: its unsafe prompt, its instruction ("remove the knife"), the judge-kept
+  safe-prompt image of the same backbone (``d.safe[i]``: the unsafe objects gone, the rest of the scene close);
+- benign: every benign image with its own prompt; the first half with instruction "" (the patch must stay
+  silent), the second half with a wrong instruction (the instruction of a category drawn with the seed): the
+  gate may fire on a benign prompt (a spoon, red paint), the patch must then keep the scene.
 
-Gate examples (``gate_examples``): hidden states + EOS embeddings of guard-split prompts, label 0 none / 1.. category.
+Gate examples (``gate_examples``): hidden states + EOS embeddings of the data's TEXT lists (``d.text_pairs``, label
+1 + category index; ``d.text_benign``, label 0: every prompt of the lists, not only those with images),
+de-duplicated, shuffled with the seed.
 
-Data formats for real backbones (same tensors): a folder of (unsafe prompt, instruction, safe image) triplets
-plus benign (prompt, image) pairs; images VAE-encoded at the backbone's resolution.
+The config's ``categories`` and ``instructions`` come from the data too (``categories_and_instructions``).
+
+Nothing here (nor anything it imports) imports tinyworld's renderer; the renderer-built examples of
+``--renderer`` are in :mod:`train.safepatch.renderer` (``tests/test_safepatch.py`` walks the imports).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from guards import CATEGORIES
-from guards.safepatch import INSTRUCTIONS
 
 
 @torch.no_grad()
@@ -56,21 +62,9 @@ def vae_latents(backbone, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat(out) * vae.config.scaling_factor
 
 
-def patch_examples(backbone, n_unsafe: int, n_benign: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    from train.tinyworld.data import counterfactual_pairs, render_split
-
-    pairs = counterfactual_pairs("guard", n_unsafe, seed, mode="remove")
-    benign = render_split("guard", n_benign, seed + 1) if n_benign else None
-    rng = random.Random(seed)
-    b_scenes = [s for s in benign.scenes if not s.is_unsafe] if benign else []
-    keep = [i for i, s in enumerate(benign.scenes) if not s.is_unsafe] if benign else []
-    b_images = benign.images[keep] if benign else np.zeros((0, 64, 64, 3), np.uint8)
-    half = len(b_scenes) // 2
-    prompts = pairs.prompts + [s.caption for s in b_scenes]
-    instructions = (pairs.instructions + [""] * half
-                    + [INSTRUCTIONS[rng.choice(CATEGORIES)] for _ in range(len(b_scenes) - half)])
-    kinds = [0] * len(pairs.prompts) + [1] * half + [2] * (len(b_scenes) - half)
-    images = np.concatenate([pairs.safe, b_images])
+def assemble_patch_examples(backbone, prompts: list[str], instructions: list[str], kinds: list[int],
+                            images: np.ndarray) -> dict[str, torch.Tensor]:
+    """The patch-example tensors (module docstring) of parallel lists and the target images (n, H, W, 3) uint8."""
     hidden, _ = text_stage(backbone, prompts)
     uniq = sorted(set(instructions))
     inst_hidden, _ = text_stage(backbone, uniq)
@@ -79,18 +73,56 @@ def patch_examples(backbone, n_unsafe: int, n_benign: int, seed: int = 0) -> dic
             "kind": torch.tensor(kinds)}
 
 
-def gate_examples(backbone, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Hidden states, EOS embeddings and labels (0 none, 1 + category index) of ``n`` distinct guard-split
-    prompts, and the prompts."""
-    from train.tinyworld.world import sample_split
+# -- the data folder -----------------------------------------------------------------------------------------------
 
-    scenes, seen = [], set()
-    for s in sample_split("guard", 4 * n, seed + 7, {"benign": 0.5, "explicit": 0.3, "implicit": 0.2}):
-        if s.caption not in seen:
-            seen.add(s.caption)
-            scenes.append(s)
-        if len(scenes) == n:
-            break
-    labels = torch.tensor([1 + CATEGORIES.index(s.unsafe_categories[0]) if s.is_unsafe else 0 for s in scenes])
-    hidden, eos = text_stage(backbone, [s.caption for s in scenes])
-    return hidden, eos, labels, [s.caption for s in scenes]
+def data_sha256(folder: str | Path) -> str:
+    """sha256 of the folder's data.json: its identity (the data step writes it last, naming every chunk)."""
+    return hashlib.sha256((Path(folder) / "data.json").read_bytes()).hexdigest()
+
+
+def categories_and_instructions(data) -> tuple[list[str], dict[str, str]]:
+    """The data's unsafe categories (``guards.CATEGORIES``' order when they are exactly those, else the order of
+    first appearance) and, per category, the most common instruction of its pairs (ties: the first seen)."""
+    pairs = list(data.text_pairs) or list(data.pairs)
+    by_category: dict[str, Counter] = {}
+    for p in pairs:
+        by_category.setdefault(p["category"], Counter())[p["instruction"]] += 1
+    categories = list(by_category)
+    if set(categories) == set(CATEGORIES) and len(categories) == len(CATEGORIES):
+        categories = list(CATEGORIES)
+    return categories, {c: by_category[c].most_common(1)[0][0] for c in categories}
+
+
+def patch_examples(backbone, data, instructions: dict[str, str], n_unsafe: int | None = None,
+                   n_benign: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The patch examples of a data folder (module docstring); ``n_unsafe`` / ``n_benign``: caps (the first kept
+    pairs / benign images; None: all). ``instructions``: category -> instruction (the benign wrong instructions)."""
+    rng = random.Random(seed)
+    kept = np.flatnonzero(data.kept)[:n_unsafe]
+    n_b = len(data.benign) if n_benign is None else min(n_benign, len(data.benign))
+    half = n_b // 2
+    categories = list(instructions)
+    prompts = [data.pairs[i]["prompt"] for i in kept] + [b["prompt"] for b in data.benign[:n_b]]
+    wrong = [instructions[rng.choice(categories)] for _ in range(n_b - half)]
+    inst = [data.pairs[i]["instruction"] for i in kept] + [""] * half + wrong
+    kinds = [0] * len(kept) + [1] * half + [2] * (n_b - half)
+    images = np.concatenate([data.safe[kept], data.benign_images[:n_b]])
+    return assemble_patch_examples(backbone, prompts, inst, kinds, images)
+
+
+def gate_examples(backbone, data, categories: list[str], n: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Hidden states, EOS embeddings and labels (0 none, 1 + category index) of the data's distinct text prompts
+    (unsafe pairs first: a prompt listed as both keeps its unsafe label), shuffled with ``seed``, the first ``n``
+    (None: all), and the prompts."""
+    labelled, seen = [], set()
+    for prompt, label in ([(p["prompt"], 1 + categories.index(p["category"])) for p in (data.text_pairs or data.pairs)]
+                          + [(p, 0) for p in data.text_benign]):
+        if prompt not in seen:
+            seen.add(prompt)
+            labelled.append((prompt, label))
+    random.Random(seed).shuffle(labelled)
+    labelled = labelled[:n]
+    prompts = [p for p, _ in labelled]
+    hidden, eos = text_stage(backbone, prompts)
+    return hidden, eos, torch.tensor([lab for _, lab in labelled], dtype=torch.long), prompts

@@ -1,12 +1,13 @@
 """The SafePatch training loops (accelerate): the prompt gate (CE), then the patch (differential supervision).
 
-Patch loss, per example (z_0 = the TARGET render's latent, eps ~ N(0, I), t uniform, z_t = add_noise):
+Patch loss, per example (z_0 = the TARGET image's latent, eps ~ N(0, I), t uniform, z_t = add_noise):
 
     L = || eps - UNet(z_t, t, c_prompt, residuals = S(z_t, t, c_prompt, s_instruction)) ||^2
 
 which equals || eps - eps_base(z_t,t,c_u) - S_eff ||^2 with S_eff the patch's effect on the frozen UNet's
-output. For unsafe triplets the target is the SAFE render, so the patch learns to remove what the
-instruction names; for benign pairs the target is the prompt's own render, so it learns to stay silent.
+output (a v-prediction backbone: the target is v = sqrt(a_t) eps - sqrt(1 - a_t) z_0 instead of eps). For
+unsafe triplets the target is the SAFE image, so the patch learns to remove what the instruction names; for
+benign pairs the target is the prompt's own image, so it learns to stay silent.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from train.loop import lr_schedule, resume as resume_from, save_checkpoint, setu
 
 def fit_gate(gate, train: tuple, val: tuple, *, steps: int = 600, batch_size: int = 128, lr: float = 1e-3,
              threshold: float = SafePatchConfig.threshold, seed: int = 0) -> dict:
-    """Minibatch AdamW CE on (hidden, eos, label) of guard-split prompts (seconds); train/val metrics."""
+    """Minibatch AdamW CE on (hidden, eos, label) of the gate prompts (seconds); train/val metrics."""
     (h, e, y), (vh, ve, vy) = train, val
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=1e-2)
@@ -37,16 +38,22 @@ def fit_gate(gate, train: tuple, val: tuple, *, steps: int = 600, batch_size: in
         opt.step()
     gate.eval()
     with torch.no_grad():
-        acc = lambda a, b, c: float((gate.logits(a, b).argmax(-1) == c).float().mean())  # noqa: E731
+        acc = lambda a, b, c: _mean(gate.logits(a, b).argmax(-1) == c)  # noqa: E731
         pv = torch.softmax(gate.logits(vh, ve), -1)
         fire = (1 - pv[:, 0]) >= threshold
         score = 1 - pv[:, 0]
-        table = {f"{t:.2f}": {"benign_fire": float((score[vy == 0] >= t).float().mean()),
-                              "unsafe_fire": float((score[vy > 0] >= t).float().mean())} for t in THRESHOLDS}
+        table = {f"{t:.2f}": {"benign_fire": _mean(score[vy == 0] >= t), "unsafe_fire": _mean(score[vy > 0] >= t)}
+                 for t in THRESHOLDS}
         return {"loss": float(loss), "train_accuracy": acc(h, e, y), "val_accuracy": acc(vh, ve, vy),
-                "val_prompts": len(vy), "val_benign_fire_rate": float(fire[vy == 0].float().mean()),
-                "val_unsafe_fire_rate": float(fire[vy > 0].float().mean()),
-                "val_min_unsafe_score": float(score[vy > 0].min()), "val_thresholds": table}
+                "val_prompts": len(vy), "val_benign_fire_rate": _mean(fire[vy == 0]),
+                "val_unsafe_fire_rate": _mean(fire[vy > 0]),
+                "val_min_unsafe_score": float(score[vy > 0].min()) if bool((vy > 0).any()) else None,
+                "val_thresholds": table}
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    """Share of True in ``x``; None when empty (a small data folder's validation share may lack a class)."""
+    return float(x.float().mean()) if x.numel() else None
 
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -54,8 +61,9 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 def pick_threshold(gate_log: dict, min_unsafe_fire: float = 0.995) -> float:
     """The largest threshold of THRESHOLDS that still fires on >= ``min_unsafe_fire`` of the held-back unsafe
-    guard-split prompts (fewest benign false fires, so most benign images stay bit-identical)."""
-    ok = [t for t in THRESHOLDS if gate_log["val_thresholds"][f"{t:.2f}"]["unsafe_fire"] >= min_unsafe_fire]
+    prompts (fewest benign false fires, so most benign images stay bit-identical). No held-back unsafe prompt
+    (a tiny data folder): the smallest."""
+    ok = [t for t in THRESHOLDS if (gate_log["val_thresholds"][f"{t:.2f}"]["unsafe_fire"] or 0) >= min_unsafe_fire]
     return max(ok) if ok else min(THRESHOLDS)
 
 
@@ -75,6 +83,7 @@ def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, 
         accelerator.print(f"resumed at step {step}")
     patch, optimizer, loader, lr_sched = accelerator.prepare(patch, optimizer, loader, lr_sched)
     alphas = scheduler.alphas_cumprod.to(accelerator.device)
+    v_pred = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"  # SD 2.x 768-v: the target is v
     bar = tqdm(total=steps, initial=step, desc="safepatch", disable=not accelerator.is_main_process, mininterval=5)
     t0, running = time.time(), {0: [], 1: [], 2: []}
     patch.train()
@@ -89,7 +98,8 @@ def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, 
                 res = patch(zt, tf, c, s)
                 pred = unet(zt, tf, c, down_block_additional_residuals=tuple(res[:-1]),
                             mid_block_additional_residual=res[-1]).sample
-            per = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+            target = a.sqrt() * eps - (1 - a).sqrt() * z0 if v_pred else eps
+            per = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
             loss = per.mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(patch.parameters(), 1.0)
