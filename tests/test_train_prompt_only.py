@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime.errors import ExitCode
@@ -20,7 +21,7 @@ from train.data.load import load_data
 from .test_train_data import _imports_of, _module_file, fixture_args, inputs, run_step, tiny  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED = ("saferedir", "safectrl")  # safepatch: joined when its --data path lands
+TRAINED = ("saferedir", "safepatch", "safectrl")
 FEW_STEPS = {
     "saferedir": ["--cls-steps", "4", "--gen-steps", "2", "--text-prompts", "8", "--batch", "8", "--gen-batch", "2"],
     "safepatch": ["--steps", "2", "--batch-size", "4"],
@@ -109,6 +110,22 @@ def test_not_a_data_folder_is_refused_in_one_line(guard, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("guard", TRAINED)
+def test_data_folder_without_a_kept_pair_is_refused(guard, fixture_data, tmp_path, capsys):
+    model, data = fixture_data("sd1")
+    bare = tmp_path / "bare"
+    shutil.copytree(data, bare)
+    for chunk in (bare / "chunks").glob("pairs-*.npz"):
+        with np.load(chunk) as f:
+            arrays = dict(f)
+        arrays["kept"][:] = False
+        np.savez(chunk, **arrays)
+    assert train(guard, model, bare, tmp_path / "out", tmp_path / "work") == ExitCode.BAD_INPUT
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "no kept pair" in line and str(bare) in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_safectrl_needs_the_fewshot_masks(fixture_data, tmp_path, capsys):
     model, data = fixture_data("sd1")
     bare = tmp_path / "bare"
@@ -132,8 +149,9 @@ def test_trainers_need_exactly_one_source(guard, tmp_path, capsys):
 
 @pytest.mark.parametrize("guard", TRAINED)
 def test_material_path_never_imports_the_renderer(guard):
-    """Static walk of every import (also inside functions) from the trainer's prompt-only modules."""
-    todo = [f"train.{guard}.{m}" for m in ("data", "train") if _module_file(f"train.{guard}.{m}") is not None]
+    """Static walk of every import (also inside functions) from the trainer's modules; ``train/<guard>/renderer.py``
+    (what ``--renderer`` imports) is the only door to the renderer and is not entered."""
+    todo = [f"train.{guard}.{m}" for m in ("cli", "data", "train") if _module_file(f"train.{guard}.{m}") is not None]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
