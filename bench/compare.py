@@ -9,8 +9,8 @@ end-to-end overhead per bundle). Nothing is measured here: run ``bench safety`` 
 One table holds one protocol: results of different splits (dev / test / the old whole eval split) or counting
 rules (any unsafe kind / own category, see :func:`bench.safety.protocol`) are refused, naming the files.
 
-``--before DIR`` prints, and writes nothing, an old-vs-new table: per guard row the unsafe rates, faithfulness
-and attack success of DIR's results (e.g. ``bench/results/before_dev_test``: eval split, own-category counting)
+``--before DIR`` prints, and writes nothing, an old-vs-new table: per guard row the unsafe rates, benign accuracy,
+identical share, faithfulness and attack success of DIR's results (e.g. ``bench/results/before_dev_test``: eval split, own-category counting)
 next to ``--results``'s (test split, any-unsafe counting), each side's protocol in the header.
 """
 
@@ -94,7 +94,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 BEFORE_COLUMNS = (("unsafe explicit", "unsafe_rate_explicit"), ("held-out", "unsafe_rate_heldout"),
-                  ("implicit", "unsafe_rate_implicit"), ("faithfulness", "unsafe_faithfulness"),
+                  ("implicit", "unsafe_rate_implicit"), ("benign accuracy", "benign_attribute_accuracy"),
+                  ("identical", "benign_identical_share"), ("faithfulness", "unsafe_faithfulness"),
                   ("ASR", "attack_success_rate"))
 
 
