@@ -78,6 +78,15 @@ def make_tiny(family: str, out_dir: str | Path, *, seed: int = 0, prediction_typ
     return out
 
 
+SD15_UNET_CONFIG = {"sample_size": 64, "cross_attention_dim": 768}
+"""SD 1.5's UNet: diffusers' UNet2DConditionModel defaults + these (also bench/training_cost.py's FLOP count)."""
+SD15_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+                   "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                   "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                   "sample_size": 512, "scaling_factor": 0.18215}
+"""SD 1.5's VAE (SDXL's has the same architecture)."""
+
+
 def make_sd15_architecture(out_dir: str | Path, *, seed: int = 0) -> Path:
     """The real SD 1.5 architecture with random weights (for opt-in latency/memory measurements, no hub):
     CLIP ViT-L/14 text encoder (768 wide, 12 layers, 49408 ids, 77 positions), SD 1.5's UNet (859.5 M
@@ -92,11 +101,8 @@ def make_sd15_architecture(out_dir: str | Path, *, seed: int = 0) -> Path:
             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id))
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults = SD 1.5
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512, scaling_factor=0.18215)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
         scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
