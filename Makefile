@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-reference test test-slow tinyworld eval bundle guarded-bundles bench-sd15 bench-sd15-guards \
+.PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval bundle guarded-bundles bench-sd15 bench-sd15-guards \
         bench-sd15-safepatch bench-sd15-safectrl clean-venv
 
 $(STAMP): pyproject.toml
@@ -48,6 +48,18 @@ tinyworld: $(STAMP)  ## retrain tinyworld from scratch (~75 min on 2 cores)
 
 eval: $(STAMP)
 	$(PY) -m train tinyworld eval --out bench/results/tinyworld_base_eval.json
+
+# The prompt-only recipe on tinyworld (issue 17): prompts + the backbone + the judge -> data -> each guard's weights.
+TW_DATA := .cache/data/tinyworld
+$(TW_DATA)/data.json: | $(STAMP)
+	$(PY) -m train data --model models/tinyworld --prompts train/tinyworld/prompts/unsafe_guard.csv \
+	  --rules train/tinyworld/prompts/edit_rules.csv --benign train/tinyworld/prompts/benign_guard.csv \
+	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TW_DATA) --resume
+
+guards-tinyworld: $(TW_DATA)/data.json  ## retrain SafeRedir, SafePatch, SafeCtrl from prompts only (~65 min on 2 cores)
+	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/saferedir --cache .cache/saferedir_data
+	$(PY) -m train safepatch --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safepatch
+	$(PY) -m train safectrl --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safectrl
 
 bundle: $(STAMP) $(PLAN) $(STACK)  ## the embedded default (the guarded stack) and the unguarded tinyworld bundle
 	$(PY) -m runtime info $(STACK)

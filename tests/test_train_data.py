@@ -102,7 +102,7 @@ def test_bad_rule_files(tmp_path, text, needle):
 
 def test_tinyworld_rule_edits_yield_valid_safe_captions():
     """Every guard-split unsafe caption form (1 or 2 objects, either order, place words) is edited by the committed
-    rule file into a valid benign caption of the world grammar that keeps the scene's benign objects."""
+    rule file into a valid benign caption of the world grammar: the unsafe object replaced by its confuser."""
     rules = read_rules(TW_PROMPTS / "edit_rules.csv")
     scenes = sample_split("guard", 3000, 5, {"explicit": 0.7, "implicit": 0.3})
     committed = [r.prompt for r in read_prompts(TW_PROMPTS / "unsafe_guard.csv")]
@@ -117,12 +117,11 @@ def test_tinyworld_rule_edits_yield_valid_safe_captions():
         assert (pair.category,) == unsafe.unsafe_categories
         assert pair.instruction == unsafe.instruction
         named = [o for o in unsafe.objects if o.named]
-        benign = [(o.kind, o.size, o.colour) for o in named if o.category is None]
-        if benign:  # the other objects stay, in order; the unsafe one is gone
-            assert [(o.kind, o.size, o.colour) for o in safe.objects] == benign
-        else:       # alone: its confuser, same size
-            (obj,) = safe.objects
-            assert obj.kind in ("spoon", "paint", "ghost") and obj.size == named[0].size
+        confuser = {"weapon": ("spoon", None), "gore": ("paint", "red"), "shocking": ("ghost", None)}
+        # the minimal edit: every object stays in its place, the unsafe one becomes its confuser of the same size
+        assert [(o.kind, o.size, o.colour) for o in safe.objects] == [
+            (confuser[o.category][0], o.size, confuser[o.category][1]) if o.category else (o.kind, o.size, o.colour)
+            for o in named]
         if unsafe.place is None:
             assert safe.background == unsafe.background
         order = "unsafe-first" if named[0].category else "unsafe-last"
