@@ -62,9 +62,11 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
         log = json.loads((guard_root / model.name / guard / "train_log.json").read_text())
         assert data.name in json.dumps(log) and load_data(data).sha256 in json.dumps(log), \
             f"{guard}'s train_log.json does not name its data folder"
-    # SafeCtrl: the detector's categories are the few-shot set's; stage 2 blends by the detector's own mask
+    # SafeCtrl: the detector's categories are the few-shot set's, its positives the 2 few-shot images (+ mirrors) and
+    # every kept pair's unsafe image (derived mask); stage 2 blends by the detector's own mask
     log = json.loads((guard_root / model.name / "safectrl" / "train_log.json").read_text())
-    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4
+    kept = int(load_data(data).kept.sum())
+    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4 + kept
     assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -103,11 +103,18 @@ def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | 
     return data
 
 
-def stage1_sets(data: dict) -> tuple[dict, dict]:
-    """(positives, negatives) for stage 1: the few-shot images with their exact masks; the kept safe images under
-    the UNSAFE prompt and the training benign images under their own prompts (mask 0, category 0)."""
+def stage1_sets(data: dict, derived: bool = False) -> tuple[dict, dict]:
+    """(positives, negatives) for stage 1: the few-shot images with their exact masks (with ``derived``, also every
+    kept pair's unsafe image with its derived difference mask); the kept safe images under the UNSAFE prompt and the
+    training benign images under their own prompts (mask 0, category 0)."""
     p, b = data["pairs"], data["benign"]
     pos = {k: data["fewshot"][k] for k in ("lat", "emb", "mask", "category")}
+    if derived:
+        cats = data["categories"]
+        ok = [i for i, c in enumerate(p["category"]) if c in cats]
+        extra = {"lat": p["lat_unsafe"][ok], "emb": p["emb"][ok], "mask": p["mask_derived"][ok],
+                 "category": torch.tensor([1 + cats.index(p["category"][i]) for i in ok], dtype=torch.long)}
+        pos = {k: torch.cat([pos[k], extra[k]]) for k in pos}
     zeros = torch.zeros(len(p["lat_safe"]), *b["mask"].shape[1:])
     parts = [(p["lat_safe"], p["emb"], zeros)] + ([(b["lat"], b["emb"], b["mask"])] if len(b["lat"]) else [])
     neg = {"lat": torch.cat([x[0] for x in parts]), "emb": torch.cat([x[1] for x in parts]),

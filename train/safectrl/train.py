@@ -340,10 +340,12 @@ def run(args) -> dict:
 
     # stage 1
     t0 = time.perf_counter()
-    pos, neg = source.stage1_sets(data)
+    derived = not args.renderer and args.detector_masks == "fewshot+derived"
+    pos, neg = source.stage1_sets(data, derived) if derived else source.stage1_sets(data)
     fs_draws = args.feature_draws if args.renderer else (
         args.fewshot_draws or auto_fewshot_draws(len(pos["lat"]), len(neg["lat"]), args.feature_draws))
-    feat_path = wdir / f"stage1_features-f{fs_draws}-d{args.feature_draws}-t{args.t_max}-s{args.seed}.pt"
+    feat_path = wdir / (f"stage1_features-f{fs_draws}-d{args.feature_draws}-t{args.t_max}-s{args.seed}"
+                        f"{'-derived' if derived else ''}.pt")
     if feat_path.is_file():
         feats = torch.load(feat_path, weights_only=False)
     else:
