@@ -96,13 +96,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-TRAINERS = {  # guard: (tiny options, the option that counts steps, where the checkpoint goes)
+TRAINERS = {  # guard: (tiny options, the option that counts steps, where the checkpoint goes); the renderer path:
+    # tiny sizes with no data step (the --data path runs end to end in tests/test_train_prompt_only.py)
     "safeguider": (["--prompts", "120", "--deletions", "1"], "--epochs", "out/checkpoint.pt"),
-    "saferedir": (["--cache", "work", "--prompts", "4", "--pairs", "4", "--text-prompts", "10", "--batch", "8",
+    "saferedir": (["--renderer", "--cache", "work", "--prompts", "4", "--pairs", "4", "--text-prompts", "10", "--batch", "8",
                    "--gen-steps", "0", "--ckpt-every", "2"], "--cls-steps", "work/stage1.pt"),
-    "safepatch": (["--cache", "work", "--unsafe", "8", "--benign", "8", "--gate-prompts", "200", "--batch-size", "4",
+    "safepatch": (["--renderer", "--cache", "work", "--unsafe", "8", "--benign", "8", "--gate-prompts", "200", "--batch-size", "4",
                    "--save-every", "1"], "--steps", "out/checkpoint.pt"),
-    "safectrl": (["--work", "work", "--pairs", "8", "--benign", "8", "--eval-pairs", "8", "--feature-draws", "1",
+    "safectrl": (["--renderer", "--work", "work", "--pairs", "8", "--benign", "8", "--eval-pairs", "8", "--feature-draws", "1",
                   "--stage1-batch", "4", "--stage2-steps", "0"], "--stage1-steps", "work/stage1.pt"),
 }
 

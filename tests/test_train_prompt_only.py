@@ -65,8 +65,10 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     # SafeCtrl: the detector's categories are the few-shot set's, its positives the 2 few-shot images (+ mirrors) and
     # every kept pair's unsafe image (derived mask); stage 2 blends by the detector's own mask
     log = json.loads((guard_root / model.name / "safectrl" / "train_log.json").read_text())
-    kept = int(load_data(data).kept.sum())
-    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4 + kept
+    d = load_data(data)
+    derived = sum(1 for p, k in zip(d.pairs, d.kept) if k and p["category"] in log["data"]["categories"])
+    assert derived == 0  # the fixture's pairs are "violence", its few-shot set "weapon": no derived positive
+    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4 + derived
     assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
