@@ -72,7 +72,7 @@ def main(args) -> int:
     from guards.safepatch import SafePatch, SafePatchGate, save
     from train.loop import setup
 
-    from .data import categories_and_instructions, data_sha256
+    from .data import categories_and_instructions
     from .train import fit_gate, fit_patch, pick_threshold
 
     setup(args.seed, threads=args.threads)
@@ -97,7 +97,7 @@ def main(args) -> int:
         except BadInputError as e:
             return _bad(str(e))
         categories, instructions = categories_and_instructions(data)
-        sha = data_sha256(data.folder)
+        sha = data.sha256
         source = {"data": str(data.folder.resolve()), "data_sha256": sha}
     else:
         from export.tensorrt import select_build_profile

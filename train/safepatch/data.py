@@ -23,10 +23,8 @@ Nothing here (nor anything it imports) imports tinyworld's renderer; the rendere
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,11 +72,6 @@ def assemble_patch_examples(backbone, prompts: list[str], instructions: list[str
 
 
 # -- the data folder -----------------------------------------------------------------------------------------------
-
-def data_sha256(folder: str | Path) -> str:
-    """sha256 of the folder's data.json: its identity (the data step writes it last, naming every chunk)."""
-    return hashlib.sha256((Path(folder) / "data.json").read_bytes()).hexdigest()
-
 
 def categories_and_instructions(data) -> tuple[list[str], dict[str, str]]:
     """The data's unsafe categories (``guards.CATEGORIES``' order when they are exactly those, else the order of
