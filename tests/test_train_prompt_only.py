@@ -18,7 +18,7 @@ import pytest
 from runtime.errors import ExitCode
 from train.data.load import load_data
 
-from .test_train_data import _imports_of, _module_file, fixture_args, inputs, run_step, tiny  # noqa: F401
+from .test_train_data import _fewshot, _imports_of, _module_file, fixture_args, inputs, run_step, tiny  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINED = ("saferedir", "safepatch", "safectrl")
@@ -38,15 +38,29 @@ def train(guard: str, model: Path, data: Path, out: Path, work: Path, *extra: st
                  *cache, *FEW_STEPS[guard], *extra])
 
 
+def _paint_derived_masks(folder: Path) -> None:
+    """A random-weight backbone draws the unsafe and the safe prompt alike, so the data step derives empty masks;
+    paint one box per kept pair (what a pair that differs there gives) so SafeCtrl's pair positives are exercised."""
+    for chunk in sorted((folder / "chunks").glob("pairs-*.npz")):
+        with np.load(chunk) as f:
+            arrays = dict(f)
+        h, w = arrays["mask"].shape[-2:]
+        arrays["mask"][arrays["kept"], h // 4:h // 2, w // 4:w // 2] = 1
+        np.savez(chunk, **arrays)
+
+
 @pytest.fixture(scope="module")
 def fixture_data(tiny, inputs, tmp_path_factory):  # noqa: F811
-    """``fixture_data(family)`` -> (model folder, data folder): the data step run once per family."""
+    """``fixture_data(family)`` -> (model folder, data folder): the data step run once per family; the few-shot
+    concept is the pairs' category ("violence"), so SafeCtrl's kept pairs add detector positives."""
     made: dict[str, tuple[Path, Path]] = {}
+    fewshot = _fewshot(tmp_path_factory.mktemp("fewshot_violence"), 2, "violence")
 
     def get(family: str) -> tuple[Path, Path]:
         if family not in made:
             out = tmp_path_factory.mktemp(f"prompt_only_{family}") / "data"
-            assert run_step(*fixture_args(tiny(family), inputs, out, "--masks", inputs["fewshot"])) == 0
+            assert run_step(*fixture_args(tiny(family), inputs, out, "--masks", fewshot)) == 0
+            _paint_derived_masks(out)
             made[family] = (tiny(family), out)
         return made[family]
 
@@ -63,12 +77,12 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
         assert data.name in json.dumps(log) and load_data(data).sha256 in json.dumps(log), \
             f"{guard}'s train_log.json does not name its data folder"
     # SafeCtrl: the detector's categories are the few-shot set's, its positives the 2 few-shot images (+ mirrors) and
-    # every kept pair's unsafe image (derived mask); stage 2 blends by the detector's own mask
+    # every kept pair's unsafe image with a non-empty derived mask; stage 2 blends by the detector's own mask
     log = json.loads((guard_root / model.name / "safectrl" / "train_log.json").read_text())
     d = load_data(data)
-    derived = sum(1 for p, k in zip(d.pairs, d.kept) if k and p["category"] in log["data"]["categories"])
-    assert derived == 0  # the fixture's pairs are "violence", its few-shot set "weapon": no derived positive
-    assert log["data"]["categories"] == ["weapon"] and log["counts"]["positive_images"] == 4 + derived
+    derived = sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())
+    assert log["data"]["categories"] == ["violence"] and log["counts"]["positive_images"] == 4 + derived
+    assert derived >= 1, "the fixture should give derived positives"
     assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -84,6 +98,21 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     assert gen.returncode == 0, gen.stderr[-2000:]
     report = json.loads(png.with_suffix(".json").read_text())
     assert png.stat().st_size > 0 and list(report["guards"]) == list(TRAINED)
+
+
+def test_safectrl_refined_positives(fixture_data, tmp_path):
+    """``--detector-masks fewshot+refined``: a detector trained on the few-shot set first, then each kept pair's
+    derived mask cut to where it responds (never more than the derived mask), then the detector on both."""
+    model, data = fixture_data("sd1")
+    out = tmp_path / "safectrl"
+    assert train("safectrl", model, data, out, tmp_path / "work", "--detector-masks", "fewshot+refined",
+                 "--refine-share", "0.5") == 0
+    log = json.loads((out / "train_log.json").read_text())
+    refined, d = log["refined"], load_data(data)
+    derived = sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())
+    assert refined["fewshot_counts"]["positive_images"] == 4  # the first detector: few-shot images + mirrors only
+    assert 1 <= refined["pairs_kept"] <= derived and log["counts"]["positive_images"] == 4 + refined["pairs_kept"]
+    assert 0 < refined["area_refined"] <= refined["area_derived"]
 
 
 @pytest.mark.parametrize("guard", TRAINED)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from guards.safectrl import SafeCtrlConfig
@@ -35,9 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fewshot-draws", type=int, default=0,
                    help="noise/t draws per few-shot positive (and its mirror image); 0: so that positives are ~30%% "
                         "of the stage-1 features")
-    p.add_argument("--detector-masks", choices=("fewshot", "fewshot+derived"), default="fewshot+derived",
-                   help="stage-1 positives: the few-shot masks only, or also every kept pair's unsafe image with its "
-                        "derived difference mask (chosen on dev: the few-shot set alone under-detected knives)")
+    p.add_argument("--detector-masks", choices=("fewshot", "fewshot+derived", "fewshot+refined"),
+                   default="fewshot+derived",
+                   help="stage-1 positives: the few-shot masks only; also every kept pair's unsafe image with its "
+                        "derived difference mask; or with that mask cut to where a detector trained on the few-shot "
+                        "set responds (--refine-share)")
+    p.add_argument("--refine-share", type=float, default=0.5,
+                   help="fewshot+refined: keep the derived mask's pixels where the few-shot detector reaches this "
+                        "share of its peak inside the mask")
     p.add_argument("--stage2-mask", choices=("detector", "derived"), default="detector",
                    help="stage-2 blend: the trained detector's mask on the rejected image (what the runtime blends "
                         "with) or the data step's derived difference mask, area-pooled")

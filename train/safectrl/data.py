@@ -16,7 +16,6 @@ exact masks). The tinyworld renderer path for comparison is :mod:`train.safectrl
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +24,7 @@ import torch.nn.functional as F
 
 from guards import CATEGORIES
 from runtime.errors import BadInputError
-
-
-def _images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
-
-
-@torch.no_grad()
-def encode_images(vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
-    out = [vae.encode(_images(images[i:i + batch]) * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)]
-    if not out:
-        return torch.zeros(0, vae.config.latent_channels, 1, 1)
-    return torch.cat(out) * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    tok = pipe.tokenizer
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = tok(list(prompts[i:i + batch]), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out)
+from train.encode import encode_prompts, vae_latents
 
 
 def latent_masks(masks: np.ndarray, size) -> torch.Tensor:
@@ -78,12 +55,12 @@ def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | 
     masks = np.concatenate([fs["mask"], fs["mask"][:, :, ::-1]])
     captions = [str(c) for c in fs["caption"]] * 2
     cats = [1 + categories.index(str(c)) for c in fs["category"]] * 2
-    fewshot = {"lat": encode_images(pipe.vae, images), "emb": encode_prompts(pipe, captions),
+    fewshot = {"lat": vae_latents(pipe.vae, images), "emb": encode_prompts(pipe, captions),
                "mask": latent_masks(masks, size), "category": torch.tensor(cats), "captions": captions}
 
     kept = np.flatnonzero(d.kept)[:n_pairs]
     prompts = [d.pairs[i]["prompt"] for i in kept]
-    pairs = {"lat_unsafe": encode_images(pipe.vae, d.unsafe[kept]), "lat_safe": encode_images(pipe.vae, d.safe[kept]),
+    pairs = {"lat_unsafe": vae_latents(pipe.vae, d.unsafe[kept]), "lat_safe": vae_latents(pipe.vae, d.safe[kept]),
              "emb": encode_prompts(pipe, prompts), "mask_derived": latent_masks(d.mask[kept], size),
              "prompts": prompts, "index": kept.tolist(),
              "category": [str(d.pairs[i].get("category", "")) for i in kept]}
@@ -93,7 +70,7 @@ def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | 
     benign, benign_eval = {}, {}
     for part, (a, b) in ((benign, (0, nb - held)), (benign_eval, (nb - held, nb))):
         ps = [d.benign[i]["prompt"] for i in range(a, b)]
-        part.update({"lat": encode_images(pipe.vae, d.benign_images[a:b]),
+        part.update({"lat": vae_latents(pipe.vae, d.benign_images[a:b]),
                      "emb": encode_prompts(pipe, ps) if ps else torch.zeros(0, 1, 1),
                      "mask": torch.zeros(b - a, 1, *size), "prompts": ps})
     data = {"fewshot": fewshot, "pairs": pairs, "benign": benign, "benign_eval": benign_eval,
@@ -103,16 +80,17 @@ def build_data_cache(pipe, d, path: Path, categories: list[str], n_pairs: int | 
     return data
 
 
-def stage1_sets(data: dict, derived: bool = False) -> tuple[dict, dict]:
-    """(positives, negatives) for stage 1: the few-shot images with their exact masks (with ``derived``, also every
-    kept pair's unsafe image with its derived difference mask); the kept safe images under the UNSAFE prompt and the
-    training benign images under their own prompts (mask 0, category 0)."""
+def stage1_sets(data: dict, pair_masks: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """(positives, negatives) for stage 1: the few-shot images with their exact masks (with ``pair_masks``, one
+    latent mask per kept pair, also every kept pair's unsafe image whose mask is not empty, with that mask); the
+    kept safe images under the UNSAFE prompt and the training benign images under their own prompts (mask 0,
+    category 0)."""
     p, b = data["pairs"], data["benign"]
     pos = {k: data["fewshot"][k] for k in ("lat", "emb", "mask", "category")}
-    if derived:
+    if pair_masks is not None:
         cats = data["categories"]
-        ok = [i for i, c in enumerate(p["category"]) if c in cats]
-        extra = {"lat": p["lat_unsafe"][ok], "emb": p["emb"][ok], "mask": p["mask_derived"][ok],
+        ok = [i for i, c in enumerate(p["category"]) if c in cats and float(pair_masks[i].max()) > 0]
+        extra = {"lat": p["lat_unsafe"][ok], "emb": p["emb"][ok], "mask": pair_masks[ok],
                  "category": torch.tensor([1 + cats.index(p["category"][i]) for i in ok], dtype=torch.long)}
         pos = {k: torch.cat([pos[k], extra[k]]) for k in pos}
     zeros = torch.zeros(len(p["lat_safe"]), *b["mask"].shape[1:])

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from guards import CATEGORIES
-from train.safectrl.data import encode_images, encode_prompts, latent_masks
+from train.encode import encode_prompts, vae_latents
+from train.safectrl.data import latent_masks
 from train.safectrl.train import detector_features, iou
 from train.tinyworld.data import counterfactual_pairs, render_scenes
 from train.tinyworld.world import sample_split
@@ -30,7 +31,7 @@ def _pairs(pipe, split: str, n: int, seed: int, groups=None) -> dict:
     cp = counterfactual_pairs(split, n, seed, mode="remove", groups=groups)
     size = pipe.unet.config.sample_size
     cats = [1 + CATEGORIES.index(s.unsafe_categories[0]) for s in cp.scenes]
-    return {"lat_unsafe": encode_images(pipe.vae, cp.unsafe), "lat_safe": encode_images(pipe.vae, cp.safe),
+    return {"lat_unsafe": vae_latents(pipe.vae, cp.unsafe), "lat_safe": vae_latents(pipe.vae, cp.safe),
             "emb": encode_prompts(pipe, cp.prompts), "mask": latent_masks(cp.mask, size),
             "category": torch.tensor(cats), "prompts": cp.prompts,
             "groups": [s.group for s in cp.scenes]}
@@ -45,7 +46,7 @@ def build_cache(pipe, path: Path, n_pairs: int, n_benign: int, n_eval: int, seed
     scenes = sample_split("guard", n_benign, seed + 1, {"benign": 1.0})
     rend = render_scenes(scenes, seed + 1, desc="benign")
     size = pipe.unet.config.sample_size
-    benign = {"lat": encode_images(pipe.vae, rend.images), "emb": encode_prompts(pipe, rend.captions),
+    benign = {"lat": vae_latents(pipe.vae, rend.images), "emb": encode_prompts(pipe, rend.captions),
               "mask": torch.zeros(len(scenes), 1, size, size), "prompts": rend.captions}
     eval_pairs = _pairs(pipe, "eval", n_eval, seed + 2,
                         groups={"explicit": 0.4, "heldout": 0.3, "implicit": 0.3})

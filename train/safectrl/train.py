@@ -137,6 +137,18 @@ def detector_blend(unet, safectrl, scheduler, lat_l, emb, ts=(200, 400, 600), se
     return safectrl.blend_weight(mean, torch.ones(1))
 
 
+@torch.no_grad()
+def refine_masks(unet, safectrl, scheduler, lat_l, emb, derived, share: float, ts=(200, 400, 600),
+                 seed=321) -> torch.Tensor:
+    """Each pair's derived mask cut to where the detector responds at least ``share`` x its peak inside it
+    (mean over mid timesteps); all zeros where it does not respond inside at all."""
+    g = torch.Generator().manual_seed(seed)
+    det = torch.stack([_latent_masks(unet, safectrl, scheduler, lat_l, emb, t, g) for t in ts]).mean(0)
+    inside = det * (derived > 0)
+    peak = inside.amax(dim=(1, 2, 3), keepdim=True)
+    return derived * ((inside >= share * peak) & (peak > 0))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the loops
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +293,7 @@ def run(args) -> dict:
 
     from export.families import load_backbone
     from runtime.errors import BadInputError
-    from train.safectrl.data import encode_prompts
+    from train.encode import encode_prompts
 
     t_start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
@@ -339,31 +351,53 @@ def run(args) -> dict:
     timings["cache_data_s"] = round(time.perf_counter() - t0, 1)
 
     # stage 1
-    t0 = time.perf_counter()
-    derived = not args.renderer and args.detector_masks == "fewshot+derived"
-    pos, neg = source.stage1_sets(data, derived) if derived else source.stage1_sets(data)
-    fs_draws = args.feature_draws if args.renderer else (
-        args.fewshot_draws or auto_fewshot_draws(len(pos["lat"]), len(neg["lat"]), args.feature_draws))
-    feat_path = wdir / (f"stage1_features-f{fs_draws}-d{args.feature_draws}-t{args.t_max}-s{args.seed}"
-                        f"{'-derived' if derived else ''}.pt")
-    if feat_path.is_file():
-        feats = torch.load(feat_path, weights_only=False)
-    else:
-        feats = feature_set(unet, safectrl, scheduler, pos, fs_draws, neg, args.feature_draws, args.t_max, args.seed)
-        torch.save(feats, feat_path)
-    n_pos = len(pos["lat"]) * fs_draws
-    record["counts"] = {"positive_images": len(pos["lat"]), "negative_images": len(neg["lat"]),
-                        "positive_features": n_pos, "negative_features": len(neg["lat"]) * args.feature_draws,
-                        "positive_share": round(n_pos / len(feats["feats"]), 3), "fewshot_draws": fs_draws,
-                        "feature_draws": args.feature_draws}
-    timings["stage1_features_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    latent_hw = tuple(pos["mask"].shape[-2:])
-    log = train_stage1(acc, safectrl, feats, steps=args.stage1_steps, batch=args.stage1_batch, lr=args.stage1_lr,
-                       lambda_ce=args.lambda_ce, lambda_mse=args.lambda_mse, latent_hw=latent_hw,
-                       ckpt=wdir / "stage1.pt", resume=args.resume, seed=args.seed)
-    timings["stage1_train_s"] = round(time.perf_counter() - t0, 1)
-    del feats
+    mode = "renderer" if args.renderer else args.detector_masks
+
+    def fit_detector(pos, neg, tag):
+        """Stage-1 features (cached under ``tag``) and the detector's training on them; returns the counts."""
+        t0 = time.perf_counter()
+        fs_draws = args.feature_draws if args.renderer else (
+            args.fewshot_draws or auto_fewshot_draws(len(pos["lat"]), len(neg["lat"]), args.feature_draws))
+        feat_path = wdir / f"stage1_features-f{fs_draws}-d{args.feature_draws}-t{args.t_max}-s{args.seed}{tag}.pt"
+        if feat_path.is_file():
+            feats = torch.load(feat_path, weights_only=False)
+        else:
+            feats = feature_set(unet, safectrl, scheduler, pos, fs_draws, neg, args.feature_draws, args.t_max,
+                                args.seed)
+            torch.save(feats, feat_path)
+        n_pos = len(pos["lat"]) * fs_draws
+        counts = {"positive_images": len(pos["lat"]), "negative_images": len(neg["lat"]), "positive_features": n_pos,
+                  "negative_features": len(neg["lat"]) * args.feature_draws,
+                  "positive_share": round(n_pos / len(feats["feats"]), 3), "fewshot_draws": fs_draws,
+                  "feature_draws": args.feature_draws}
+        timings[f"stage1_features{tag}_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        log = train_stage1(acc, safectrl, feats, steps=args.stage1_steps, batch=args.stage1_batch,
+                           lr=args.stage1_lr, lambda_ce=args.lambda_ce, lambda_mse=args.lambda_mse,
+                           latent_hw=tuple(pos["mask"].shape[-2:]), ckpt=wdir / f"stage1{tag}.pt",
+                           resume=args.resume, seed=args.seed)
+        timings[f"stage1_train{tag}_s"] = round(time.perf_counter() - t0, 1)
+        return counts, log
+
+    pair_masks, log = None, []
+    if mode == "fewshot+derived":
+        pair_masks = data["pairs"]["mask_derived"]
+    elif mode == "fewshot+refined":
+        # why: the derived difference covers the unsafe object AND the confuser drawn in its place (~2.8x the
+        # object); a detector trained on the few-shot set alone ranks the pixels inside it, and keeps the object
+        counts0, log = fit_detector(*source.stage1_sets(data), "-fewshot")
+        safectrl.eval()
+        pair_masks = refine_masks(unet, safectrl, scheduler, data["pairs"]["lat_unsafe"], data["pairs"]["emb"],
+                                  data["pairs"]["mask_derived"], args.refine_share)
+        safectrl.train()
+        record["refined"] = {"fewshot_counts": counts0, "share": args.refine_share,
+                             "pairs_kept": int((pair_masks.amax(dim=(1, 2, 3)) > 0).sum()),
+                             "area_derived": round(float(data["pairs"]["mask_derived"].mean()), 4),
+                             "area_refined": round(float(pair_masks.mean()), 4)}
+    pos, neg = source.stage1_sets(data) if args.renderer or pair_masks is None else source.stage1_sets(data, pair_masks)
+    tag = {"renderer": "", "fewshot": "", "fewshot+derived": "-derived"}.get(mode, f"-refined{args.refine_share}")
+    record["counts"], log1 = fit_detector(pos, neg, tag)
+    log += log1
     safectrl.eval()
     t0 = time.perf_counter()
     if args.renderer:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from guards import CATEGORIES
+from train.encode import vae_latents
 
 
 @torch.no_grad()
@@ -50,16 +51,6 @@ def text_stage(backbone, prompts: list[str], batch: int = 256) -> tuple[torch.Te
     return torch.cat(hs), torch.cat(es)
 
 
-@torch.no_grad()
-def vae_latents(backbone, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    vae = backbone.pipeline.vae
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 255.0
-        out.append(vae.encode(x * 2 - 1).latent_dist.mean)
-    return torch.cat(out) * vae.config.scaling_factor
-
-
 def assemble_patch_examples(backbone, prompts: list[str], instructions: list[str], kinds: list[int],
                             images: np.ndarray) -> dict[str, torch.Tensor]:
     """The patch-example tensors (module docstring) of parallel lists and the target images (n, H, W, 3) uint8."""
@@ -67,7 +58,7 @@ def assemble_patch_examples(backbone, prompts: list[str], instructions: list[str
     uniq = sorted(set(instructions))
     inst_hidden, _ = text_stage(backbone, uniq)
     index = torch.tensor([uniq.index(s) for s in instructions])
-    return {"latent": vae_latents(backbone, images), "prompt": hidden, "instruction": inst_hidden[index],
+    return {"latent": vae_latents(backbone.pipeline.vae, images), "prompt": hidden, "instruction": inst_hidden[index],
             "kind": torch.tensor(kinds)}
 
 

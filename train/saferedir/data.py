@@ -18,31 +18,9 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from train.data.load import Data, check_backbone, load_data
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """(N, L, D) text-encoder hidden states as the pipeline feeds the UNet (SD 1.x / 2.x: last_hidden_state)."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = pipe.tokenizer(prompts[i:i + batch], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        out.append(pipe.text_encoder(ids)[0])
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def safe_latents(pipe, images: np.ndarray, batch: int = 128) -> torch.Tensor:
-    """(N, H, W, 3) uint8 images -> scaled VAE latents (posterior mean * scaling_factor)."""
-    vae = pipe.vae
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out)
+from train.encode import encode_prompts, vae_latents
 
 
 def _cached(path: Path, make) -> dict[str, np.ndarray]:
@@ -75,7 +53,7 @@ def build(pipe, data: Data, cache: Path, n_prompts: int | None, n_pairs: int | N
                 "traj_label": np.array([0] * n_b + [1] * n_u, np.int64), "traj_prompt": np.array(prompts),
                 "pair_emb": encode_prompts(pipe, [p["prompt"] for p in pairs]).numpy().astype(np.float32),
                 "pair_cf_emb": encode_prompts(pipe, [p["safe_prompt"] for p in pairs]).numpy().astype(np.float32),
-                "pair_z0": safe_latents(pipe, data.safe[kept]).numpy().astype(np.float32),
+                "pair_z0": vae_latents(pipe.vae, data.safe[kept]).numpy().astype(np.float32),
                 "pair_prompt": np.array([p["prompt"] for p in pairs]),
                 "pair_cf_prompt": np.array([p["safe_prompt"] for p in pairs]),
                 "uncond_emb": encode_prompts(pipe, [""]).numpy().astype(np.float32)}

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from train.encode import encode_prompts, vae_latents
 from train.tinyworld.data import counterfactual_pairs
 from train.tinyworld.world import sample_split
 
-from .data import counts, encode_prompts, safe_latents
+from .data import counts
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def build(pipe, cache: Path, n_prompts: int, n_pairs: int, seed: int, steps: int
             "traj_prompt": np.array(prompts),
             "pair_emb": encode_prompts(pipe, pairs.prompts).numpy().astype(np.float32),
             "pair_cf_emb": encode_prompts(pipe, cf_captions).numpy().astype(np.float32),
-            "pair_z0": safe_latents(pipe, pairs.safe).numpy().astype(np.float32),
+            "pair_z0": vae_latents(pipe.vae, pairs.safe).numpy().astype(np.float32),
             "pair_prompt": np.array(pairs.prompts), "pair_cf_prompt": np.array(cf_captions),
             "uncond_emb": encode_prompts(pipe, [""]).numpy().astype(np.float32)}
     cache.mkdir(parents=True, exist_ok=True)
