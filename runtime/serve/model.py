@@ -51,12 +51,12 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":  # each instance is its own stub process: pin its GPU
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args["model_instance_device_id"])
         self.pipe = Pipeline.open(path, backend=params.get("backend", "auto"), verify=True)
-        expected = params.get("bundle_manifest_sha256")
-        if self.pipe.bundle.manifest_sha256 != expected:
+        actual, expected = self.pipe.bundle.manifest_sha256, params.get("bundle_manifest_sha256")
+        if actual != expected:
             self.pipe.close()
             raise BundleError(f"{path} is not the bundle model {self.name!r} was written for (manifest sha256 "
-                              f"{self.pipe.bundle.manifest_sha256[:12]}..., expected {str(expected)[:12]}...): "
-                              "re-run `runtime triton-repo` for this bundle")
+                              f"{actual[:12]}..., expected {str(expected)[:12]}...): re-run `runtime triton-repo` "
+                              "for this bundle")
         pb_utils.Logger.log_info(f"model {self.name}: bundle {path} verified, guards "
                                  f"{', '.join(self.pipe.guard_names) or 'none'}, backend {self.pipe.backend}")
 
