@@ -177,7 +177,7 @@ def bench_api(plan: Path, rows: list[dict[str, Any]], concurrency: int, warmup: 
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s, m = result["settings"], result["server_memory"]
+    s, m, load = result["settings"], result["server_memory"], result["load_average_1min"]
     rows = [("Triton server, %d clients (%s)" % (s["concurrency"], s["protocol"]), result["server"]),
             ("single-process API, %d threads" % s["concurrency"], result["api_concurrent"]),
             ("single-process API, 1 thread", result["api_sequential"])]
@@ -186,7 +186,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"Command: `{result['command']}`", "",
              f"{s['requests']} requests (prompt i of {s['prompt_count']} tinyworld benign + unsafe prompts, seed i, "
              f"{s['steps']} steps), {s['instances']} model instance(s), dynamic batching with max queue delay "
-             f"{s['max_queue_delay_us']} us, {s['warmup']} untimed warm-up requests first.", "",
+             f"{s['max_queue_delay_us']} us, {s['warmup']} untimed warm-up requests first. 1-minute load average "
+             f"{min(load.values()):.1f}-{max(load.values()):.1f} during the runs (start, after each phase) on "
+             f"{result['machine']['cores']} cores: the figures compare the three on the same, shared machine.", "",
              "| | throughput (req/s) | p50 (ms) | p99 (ms) | failed |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {r['throughput_rps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} |"
               for name, r in rows]
@@ -216,11 +218,15 @@ def run_serve(args: argparse.Namespace) -> int:
     rows = requests_for(args.requests, prompts, args.steps)
     with Pipeline.open(plan) as pipe:
         steps = args.steps or int(pipe.defaults.get("steps", 20))
+    load: list[float] = [os.getloadavg()[0]]  # the machine may be shared: say how busy it was
     print(f"server: {args.requests} requests from {args.concurrency} clients ...", file=sys.stderr)
     server, memory, server_digests = bench_server(plan, rows, args)
+    load.append(os.getloadavg()[0])
     print("single-process API ...", file=sys.stderr)
     api_concurrent, api_digests = bench_api(plan, rows, args.concurrency, args.warmup)
+    load.append(os.getloadavg()[0])
     api_sequential, _ = bench_api(plan, rows, 1, args.warmup)
+    load.append(os.getloadavg()[0])
     cores = os.cpu_count()
     gpu = Path("/dev/nvidia0").exists()
     result = {"command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "engine": str(plan),
@@ -230,6 +236,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            "steps": steps, "warmup": args.warmup, "prompt_count": len(prompts)},
               "server": server, "server_memory": memory, "api_concurrent": api_concurrent,
               "api_sequential": api_sequential,
+              "load_average_1min": {"start": load[0], "after_server": load[1], "after_api_concurrent": load[2],
+                                    "end": load[3]},
               "identical_images": sum(a is not None and a == b for a, b in zip(server_digests, api_digests))}
     table = markdown(result)
     for path, data in ((out, json.dumps(result, indent=2) + "\n"), (Path(f"{out}.md"), table)):

@@ -1,5 +1,7 @@
 """Start and stop a local ``tritonserver`` (the binary the ``nvidia-pytriton`` wheel ships) on a model repository.
 
+    python -m runtime.serve.server REPO [--model NAME ...] [--http-port 8000] [--grpc-port 8001]   # until Ctrl-C
+
     with TritonServer("REPO", models=["tinyworld"]) as server:    # free ports on 127.0.0.1, waits until ready
         server.http_url, server.grpc_url                           # "127.0.0.1:PORT" for tritonclient
         server.rss_bytes()                                         # resident memory of server + Python stubs
@@ -96,7 +98,8 @@ class TritonServer:
     with the client's ``load_model``), HTTP and gRPC bound to 127.0.0.1 on free ports, metrics off."""
 
     def __init__(self, repository: str | Path, models: list[str] | None = None, log: str | Path | None = None,
-                 ready_timeout: float = 180.0, env: dict[str, str] | None = None):
+                 ready_timeout: float = 180.0, env: dict[str, str] | None = None, http_port: int | None = None,
+                 grpc_port: int | None = None):
         self.repository, self.models = Path(repository).resolve(), list(models or [])
         self.ready_timeout, self.extra_env = ready_timeout, dict(env or {})
         reason = missing()
@@ -105,7 +108,7 @@ class TritonServer:
         self.dist = find_tritonserver()
         self.work = Path(tempfile.mkdtemp(prefix="grt-triton-"))
         self.log_path = Path(log) if log else self.work / "server.log"
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -230,3 +233,40 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a repository's models on 127.0.0.1 until Ctrl-C (the server is stopped on the way out)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m runtime.serve.server", description=main.__doc__)
+    p.add_argument("repository", type=Path, help="a model repository written by `runtime triton-repo`")
+    p.add_argument("--model", action="append", default=None, help="a model to load (default: every model folder)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--log", type=Path, default=None, help="the server's log file (default: a temporary one)")
+    args = p.parse_args(argv)
+    if not args.repository.is_dir():
+        print(f"error: {args.repository} is not a folder: write one with `runtime triton-repo`", file=sys.stderr)
+        return 3
+    models = args.model or sorted(d.name for d in args.repository.iterdir() if (d / "config.pbtxt").is_file())
+    try:
+        server = TritonServer(args.repository, models, log=args.log, http_port=args.http_port,
+                              grpc_port=args.grpc_port).start()
+    except ServerError as e:
+        print(f"error: {' '.join(str(e).split())[:2000]}", file=sys.stderr)
+        return 5
+    print(f"serving {', '.join(models)}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"error: tritonserver exited with code {server.process.returncode}: {server.log_tail()}", file=sys.stderr)
+        return 5
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
