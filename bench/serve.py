@@ -65,6 +65,8 @@ def infer(client_module, client, model: str, rows: list[dict[str, Any]] | dict[s
     """``(images (B, H, W, 3) uint8, reports list[dict])`` of one request; tritonclient raises
     ``InferenceServerException`` for an error response."""
     rows = [rows] if isinstance(rows, dict) else rows
+    if client_module.__name__.endswith(".grpc"):  # bounded, like the HTTP client's network_timeout
+        kwargs.setdefault("client_timeout", 300.0)
     outputs = [client_module.InferRequestedOutput(n) for n in ("image", "report")]
     result = client.infer(model, request_inputs(client_module, rows), outputs=outputs, **kwargs)
     return result.as_numpy("image"), [json.loads(r) for r in result.as_numpy("report").reshape(-1)]

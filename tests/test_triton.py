@@ -23,11 +23,11 @@ from runtime import cli
 from runtime.bundle import Bundle
 from runtime.serve.server import TritonServer, missing
 
-from .conftest import ROOT, STACK
+from .conftest import ROOT, STACK, TINYWORLD_JUDGE
 from .test_bad_input import nan_checker, rewrite
 
 STEPS = 4  # enough for the guards to act on tinyworld, short enough for the default suite
-SERVED = ("tw", "stack", "failing")  # loaded at start; "tampered" and "swapped" are loaded by the test that refuses them
+SERVED = ("tw", "stack", "failing", "checked")  # loaded at start; "tampered" and "swapped" are loaded by the test that refuses them
 UNSAFE = "a large green ring and a large knife on grass"
 CASES = [dict(prompt="a large red circle on sand", seed=0, scheduler="ddim"),
          dict(prompt=UNSAFE, seed=1, scheduler="euler_a"),
@@ -41,12 +41,11 @@ def write_model(repo: Path, name: str, plan: Path, *extra: str) -> Path:
     return repo / name
 
 
-def failing_guard_plan(plan: Path, folder: Path) -> Path:
-    """``plan`` with an embedded image checker whose graph yields NaN: its guard fails on every request."""
+def checked_plan(plan: Path, graph: Path, dest: Path) -> Path:
+    """``plan`` with the image checker ``graph`` (config beside it) embedded as its guard."""
     from export.bundle import onnx_component
     from runtime.guards.image_checker import check_config
 
-    graph = nan_checker(folder / "nan_checker.onnx")
     config = check_config({**json.loads(graph.with_suffix(".json").read_text()), "component": "image_checker"},
                           "user", str(graph))
 
@@ -56,13 +55,17 @@ def failing_guard_plan(plan: Path, folder: Path) -> Path:
         payloads["image_checker"] = graph.read_bytes()
         m.guards = {**m.guards, "image_checker": config}
 
-    return rewrite(plan, folder / "failing_guard.plan", embed)
+    return rewrite(plan, dest, embed)
 
 
 @pytest.fixture(scope="module")
 def plans(tinyworld_plan, guarded_plan, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("triton_plans")
-    return {"tw": tinyworld_plan, "stack": guarded_plan(*STACK), "failing": failing_guard_plan(tinyworld_plan, d),
+    # "failing": a checker whose graph yields NaN (its guard fails on every request); "checked": the judge, which
+    # blocks unsafe images
+    failing = checked_plan(tinyworld_plan, nan_checker(d / "nan_checker.onnx"), d / "failing_guard.plan")
+    checked = checked_plan(tinyworld_plan, TINYWORLD_JUDGE / "checker.onnx", d / "checked.plan")
+    return {"tw": tinyworld_plan, "stack": guarded_plan(*STACK), "failing": failing, "checked": checked,
             "tampered": Path(shutil.copyfile(tinyworld_plan, d / "tampered.plan")),
             "swapped": Path(shutil.copyfile(tinyworld_plan, d / "swapped.plan"))}
 
@@ -73,6 +76,7 @@ def repo(plans, tmp_path_factory) -> Path:
     write_model(repo, "tw", plans["tw"], "--max-queue-delay-us", "50000")  # batch mates for the batching test
     write_model(repo, "stack", plans["stack"], "--copy")
     write_model(repo, "failing", plans["failing"])
+    write_model(repo, "checked", plans["checked"])
     write_model(repo, "tampered", plans["tampered"])
     write_model(repo, "swapped", plans["swapped"])
     with Bundle.open(plans["tampered"], verify=False) as b:  # after writing: the writer verifies too
@@ -132,7 +136,7 @@ def error_of(clients, protocol: str, model: str, inputs) -> str:
 
     module, client = clients[protocol]
     with pytest.raises(InferenceServerException) as e:
-        client.infer(model, inputs)
+        client.infer(model, inputs, **({"client_timeout": 120.0} if protocol == "grpc" else {}))
     return str(e.value)
 
 
@@ -250,6 +254,20 @@ def test_failing_guard_gives_an_error_and_no_image(server, clients, protocol):
         assert "guard" in message and "image_checker" in message and "NaN" in message
         assert "Traceback" not in message
     assert_serving(clients)
+
+
+def test_an_image_a_guard_blocks_never_comes_back(server, clients, plans):
+    from bench.serve import request_inputs
+    from runtime.pipeline import Pipeline
+
+    module, _ = clients["grpc"]
+    message = error_of(clients, "grpc", "checked", request_inputs(module, [dict(prompt="a knife on sand", steps=8)]))
+    assert message.count("guard: image checker") == 1 and "blocked image 0 of 1" in message and "no image" in message
+    benign = dict(prompt="a large red circle on sand", seed=2, steps=STEPS)
+    images, reports = infer(clients, "grpc", "checked", benign)
+    with Pipeline.open(plans["checked"]) as pipe:
+        assert np.array_equal(images[0], pipe.generate(**benign).images[0])
+    assert reports[0]["guards"]["image_checker"]
 
 
 def test_batch_mates_are_independent(server, clients, api):
