@@ -13,7 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel on disk; install first so nothing pulls CUDA builds
 	$(PY) -m pip install -q -e '.[cpu,train,dev]'
+	$(PY) -m pip install -q --no-deps $(TRITON_TEST)   # Triton tests: no pins (below)
+	$(PY) -m pip install -q $(TRITON_CLIENT_DEPS)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-stub-site numpy==1.26.4
 	touch $(STAMP)
+
+# The Triton tests' server and client, installed without their pins (numpy<2, protobuf<7, ml-dtypes<=0.5.4), which
+# would downgrade ours; the wheel's Python stub gets numpy 1.x in a side folder (runtime/serve/server.py).
+TRITON_TEST        := nvidia-pytriton==0.7.0 tritonclient==2.73.0
+TRITON_CLIENT_DEPS := 'grpcio>=1.81.1' 'geventhttpclient>=2.3.3' 'greenlet<3.4.0' 'python-rapidjson>=0.9.1'
 
 PLAN   := engines/tinyworld.plan
 STACK  := engines/tinyworld_stack.plan

@@ -10,6 +10,8 @@
     python -m bench training-cost --out bench/results/training_cost.json   # recipe FLOPs / disk / H100 hours
     python -m bench compare       # the README's guard table + chart from the recorded results
     python -m bench compare --before bench/results/before_dev_test   # old vs new results, per guard
+    python -m bench serve --engine engines/tinyworld_stack.plan [--requests 200] [--concurrency 8] \
+        [--protocol http|grpc] --out bench/results/serve.json   # Triton load test vs the single-process API
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from bench import compare, latency, safety, search, training_cost
+    from bench import compare, latency, safety, search, serve, training_cost
 
     latency.add_parser(sub)
     safety.add_parser(sub)
     search.add_parser(sub)
     compare.add_parser(sub)
     training_cost.add_parser(sub)
+    serve.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

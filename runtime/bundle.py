@@ -28,7 +28,9 @@ import hashlib
 import mmap
 import os
 import secrets
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +98,12 @@ class Bundle:
     @property
     def file_size(self) -> int:
         return self._map().size()
+
+    @property
+    def manifest_sha256(self) -> str:
+        """The header's sha256 of the manifest (checked at open): it names this build's exact contents, since
+        the manifest holds every payload's sha256."""
+        return HEADER.unpack_from(self._map(), 0)[4].hex()
 
     @property
     def components(self) -> list[ComponentSpec]:
@@ -319,3 +327,30 @@ def atomic_write(dest: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def staging_dir(dest: Path) -> Path:
+    """A new, private folder next to ``dest`` (same file system, so it can be renamed onto ``dest``)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
+        return staging
+    except OSError as e:
+        raise OutputError(f"cannot create a folder next to {dest}: {e.strerror or e}; check permissions") from None
+
+
+def replace_dir(staging: Path, dest: Path) -> None:
+    """Rename ``staging`` to ``dest``; an existing ``dest`` is moved aside first and removed after."""
+    try:
+        if not dest.exists():
+            staging.rename(dest)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        dest.rename(old / dest.name)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"cannot move the new files into {dest}: {e.strerror or e}; check permissions") from None

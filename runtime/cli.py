@@ -5,6 +5,8 @@
     runtime generate --prompt TEXT [--engine PLAN] [--out PNG] [--report JSON] [--checker ONNX] ...   generate images
     runtime verify PLAN                        check the hashes and run every graph once (prints OK)
     runtime compare --prompt TEXT --baseline PLAN --out PNG [--engine PLAN]   guarded vs baseline, side by side
+    runtime triton-repo --engine PLAN --out REPO [--name NAME] [--instances N] [--gpus 0,1] [--max-batch B] ...
+                                               a Triton model repository serving the bundle (runtime/serve/)
 
 Exit codes are documented in ``runtime/errors.py`` and every bad input with its code and message in
 ``runtime/BAD_INPUT.md`` (0 ok, 2 usage, 3 bad input, 4 bundle, 5 backend,
@@ -25,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, replace_dir, staging_dir
 from runtime.errors import BadInputError, BundleError, ExitCode, OutputError, RuntimeToolError
 from runtime.manifest import ComponentSpec, Manifest
 
@@ -110,7 +112,7 @@ def run_unpack(args: argparse.Namespace) -> int:
     _check_unpack_destination(dest, args.force)
     # Payload hashes are checked while extracting, so the file is read once.
     with Bundle.open(args.plan, verify=False) as bundle:
-        staging = _staging_dir(dest)
+        staging = staging_dir(dest)
         try:
             for c in bundle.components:
                 target = staging / c.filename
@@ -118,7 +120,7 @@ def run_unpack(args: argparse.Namespace) -> int:
                 bundle.extract(c.name, target)
             (staging / "manifest.json").write_text(
                 json.dumps(bundle.manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            _replace_dir(staging, dest)
+            replace_dir(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -133,33 +135,6 @@ def _check_unpack_destination(dest: Path, force: bool) -> None:
         raise OutputError(f"{dest} exists and is not a directory: choose another DIR")
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise OutputError(f"{dest} is not empty: choose an empty or new DIR, or pass --force to replace it")
-
-
-def _staging_dir(dest: Path) -> Path:
-    """A new, private folder next to ``dest`` (same file system, so it can be renamed onto ``dest``)."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
-        return staging
-    except OSError as e:
-        raise OutputError(f"cannot create a folder next to {dest}: {e.strerror or e}; check permissions") from None
-
-
-def _replace_dir(staging: Path, dest: Path) -> None:
-    """Rename ``staging`` to ``dest``; an existing ``dest`` is moved aside first and removed after."""
-    try:
-        if not dest.exists():
-            staging.rename(dest)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-        dest.rename(old / dest.name)
-        staging.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise OutputError(f"cannot move the unpacked files into {dest}: {e.strerror or e}; check permissions") from None
 
 
 # -- generate -------------------------------------------------------------------------------------------------
@@ -455,6 +430,41 @@ def run_verify(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+# -- triton-repo ----------------------------------------------------------------------------------------------
+
+
+def add_triton_repo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", type=str, default=None, metavar="PLAN",
+                   help=f"the .plan bundle to serve: a path or a name in engines/ (default: {DEFAULT_PLAN.name})")
+    p.add_argument("--out", type=Path, required=True, metavar="REPO",
+                   help="the model repository folder (created if missing; other models in it are kept)")
+    p.add_argument("--name", default=None, help="the model name (default: the bundle's file name without .plan)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per group (default 1)")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="GPU ids, e.g. 0,1: one KIND_GPU instance group per GPU (default: KIND_CPU; GPU 0 for a "
+                        "TensorRT bundle)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="B",
+                   help="max_batch_size: requests the dynamic batcher hands over at once (default and upper limit: "
+                        "the bundle's max batch)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0, metavar="U",
+                   help="how long the dynamic batcher waits to fill a batch, in microseconds (default 0)")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the bundle into the repository (REPO/NAME/1/bundle.plan) instead of referencing its "
+                        "absolute path")
+    p.add_argument("--backend", default="auto", help="engine backend of the served pipeline (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace REPO/NAME if it exists")
+
+
+def run_triton_repo(args: argparse.Namespace) -> int:
+    from runtime.serve.triton_repo import write_model
+
+    dest = write_model(plan_path(args.engine), args.out, name=args.name, instances=args.instances, gpus=args.gpus,
+                       max_batch=args.max_batch, max_queue_delay_us=args.max_queue_delay_us, copy=args.copy,
+                       backend=args.backend, overwrite=args.overwrite)
+    print(f"wrote Triton model {dest.name!r} in {args.out}: {dest / 'config.pbtxt'}, {dest / '1' / 'model.py'}")
+    return ExitCode.OK
+
+
 # -- entry point ----------------------------------------------------------------------------------------------
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -469,6 +479,8 @@ SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "verify": ("check a bundle's hashes and run its graphs once (prints OK)", add_verify_arguments, run_verify),
     "compare": ("one prompt through a guarded and another bundle, side by side in one PNG with what each guard did",
                 add_compare_arguments, run_compare),
+    "triton-repo": ("write a Triton Inference Server model repository that serves a bundle (Python backend)",
+                    add_triton_repo_arguments, run_triton_repo),
 }
 
 

@@ -134,6 +134,11 @@ class Manifest:
     defaults: dict[str, Any] = field(default_factory=dict)  # steps, guidance, height, width, scheduler
     created_by: dict[str, Any] = field(default_factory=dict)  # exporter, versions, source model, date
 
+    @property
+    def max_batch(self) -> int:
+        """The most images one call may generate: the top of the exporter's batch range ``defaults["batch"]``."""
+        return int((self.defaults.get("batch") or [1, 1, 1])[-1])
+
     def component(self, name: str) -> ComponentSpec:
         """The component called ``name``; a BundleError listing the available ones if there is none."""
         for c in self.components:

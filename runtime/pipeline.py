@@ -144,7 +144,7 @@ class Pipeline:
                           else (sample_spec[2] * self.vae_factor, sample_spec[3] * self.vae_factor))
         self.dynamic_hw = bool(self.defaults.get("dynamic_hw", False)) or self.static_hw is None
         self.latent_multiple = _latent_multiple(m, engines["denoise"])
-        self.max_batch = int((self.defaults.get("batch") or [1, 1, 1])[-1])
+        self.max_batch = m.max_batch
         self.idle_inputs, self.idle_dropped = _idle_graph_inputs(bundle, engines)
 
     # -- opening ------------------------------------------------------------------------------------------

@@ -51,3 +51,25 @@ def test_runtime_cli_process_never_loads_torch():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+SERVING = {"tritonclient", "pytriton", "grpc", "gevent", "triton_python_backend_utils"}
+
+
+def test_triton_imports_stay_in_the_served_model():
+    """Only the Triton model (runtime/serve/model.py) imports Triton's Python-backend module, no runtime file
+    imports a Triton client or server package, and the model imports nothing but the lean runtime and numpy."""
+    users = {str(p.relative_to(ROOT)): sorted(_imports(p) & SERVING) for p in (ROOT / "runtime").rglob("*.py")}
+    assert {k: v for k, v in users.items() if v} == {"runtime/serve/model.py": ["triton_python_backend_utils"]}
+    allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "runtime", "triton_python_backend_utils"}
+    assert _imports(ROOT / "runtime" / "serve" / "model.py") <= allowed
+
+
+def test_runtime_generate_never_loads_serving_modules(tinyworld_plan, tmp_path):
+    code = ("import sys; from runtime import cli; rc = cli.main(sys.argv[1:]); "
+            f"print(rc, sorted(m for m in sys.modules if m.split('.')[0] in {sorted(SERVING)!r} "
+            "or m.startswith('runtime.serve')))")
+    out = subprocess.run([sys.executable, "-c", code, "generate", "--engine", str(tinyworld_plan), "--prompt", "x",
+                          "--steps", "1", "--out", str(tmp_path / "x.png")], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
