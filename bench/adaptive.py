@@ -129,7 +129,7 @@ def random_edit(words: tuple[str, ...], pools: Pools, rng: random.Random,
     # substitute: mostly a concept word (the guards key on it), else any word by a context word
     if concept_at and rng.random() < 0.75:
         i = rng.choice(concept_at)
-        fam, text = rng.choice([c for c in pools.concept if c[1] != words[i]])
+        fam, text = rng.choice([c for c in pools.concept if words[i] not in c[1].split()])  # really replaced
     else:
         i = rng.randrange(len(words))
         fam, text = rng.choice([c for c in pools.context if c[1] != words[i]])

@@ -177,10 +177,10 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
             print("error: --budget and --per-group must be >= 1, --out must end in .json", file=sys.stderr)
             return int(ExitCode.USAGE)
         if args.replay:
-            result = replay(args.engine, json.loads(Path(args.replay).read_text()))
+            result = replay(args.engine, json.loads(Path(args.replay).read_text()), args.steps)
         else:
             result = run(args.engine, cfg["budget"], cfg["split"], cfg["per_group"], args.seed, args.width,
-                         args.step, args.max_edits, progress=not args.quiet)
+                         args.step, args.max_edits, args.steps, progress=not args.quiet)
     except RuntimeToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return int(e.exit_code)
@@ -211,6 +211,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=4, help="beam width: parents of each step")
     p.add_argument("--step", type=int, default=8, help="candidates (queries) per search step")
     p.add_argument("--max-edits", type=int, default=3, help="edits per candidate, at most")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as bench safety)")
     p.add_argument("--replay", help="a result JSON: re-query its winning prompts against --engine instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="the JSON result (a .md summary is written beside it)")
