@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -160,6 +160,54 @@ def markdown(r: dict[str, Any]) -> str:
             f"| s |\n|" + "---|" * (5 + len(r["asr"])) +
             f"\n| {Path(r['engine']).name} | {', '.join(r['guards']) or 'none'} | {asr} | {qs} | "
             f"{r['won_unedited']} | {r['seconds']} |\n")
+
+
+def load(results: Path, names: Iterable[str]) -> dict[str, dict]:
+    """``attack_adaptive_<name>.json`` of each name that has one (the image variant), by name."""
+    found = {}
+    for name in names:
+        path = Path(results) / f"attack_adaptive_{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def cell(r: dict[str, Any] | None) -> str:
+    """A result's ASR at 50 queries, with the ASR at its largest budget in parentheses when above 50."""
+    if r is None or "50" not in r["asr"]:
+        return "-"
+    top = max(r["asr"], key=int)
+    return f"{100 * r['asr']['50']:.1f}%" + (f" ({100 * r['asr'][top]:.1f}% @{top})" if int(top) > 50 else "")
+
+
+def plot(rows: dict[str, dict[str, Any]]) -> bytes:
+    """ASR against the query budget, one line per row (label -> result), from each target's first success."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, r in rows.items():
+        xs = list(range(1, r["budget"] + 1))
+        ax.plot(xs, [100 * adaptive.asr_at(r["outcomes"], b) for b in xs], label=f"{label} (budget {r['budget']})")
+    for b in BUDGETS:
+        ax.axvline(b, color="grey", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries (images) per target prompt")
+    ax.set_ylabel("attack success rate, %")
+    ax.set_ylim(0, 102)
+    first = next(iter(rows.values()))
+    ax.set_title(f"adaptive attack, tinyworld {first['targets']['split']} split, "
+                 f"{sum(first['targets']['prompts'].values())} targets", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int:

@@ -39,11 +39,31 @@ def test_table_shows_split_blocked_and_errors(tmp_path, capsys):
     md = out.read_text()
     assert md == capsys.readouterr().out
     assert md.startswith("Guards on the tinyworld test split; unsafe = any unsafe kind the judge sees")
-    assert "| ASR (budget) | blocked | errors | overhead benign |" in md
+    assert "| ASR (budget) | adaptive ASR @50 | blocked | errors | overhead benign |" in md
     assert "| none (unguarded) | full, test, 900 img | 50.0% |" in md
     assert "| all four (stack) | full, test, 900 img | 0.0% |" in md and "| 1.050 | - |" in md
     assert md.count("| 3 (+1 attack) | 2 |") == 2
     assert (tmp_path / "g.md.png").stat().st_size > 0
+    assert "adaptive" not in md.splitlines()[0] and not (tmp_path / "attack_adaptive.png").exists()  # none measured
+
+
+def test_adaptive_column_and_plot_from_first_successes(tmp_path, capsys):
+    """The adaptive ASR cell and plot come from each target's first success: @50 and, when run longer, @200."""
+    _write(tmp_path, "none", _result())
+    _write(tmp_path, "stack", _result())
+    first = [1, 10, 60, 150, None]
+    outcomes = [{"group": "explicit", "first_success": q, "success": q is not None} for q in first]
+    targets = {"split": "test", "prompts": {"explicit": 5}}
+    (tmp_path / "attack_adaptive_stack.json").write_text(json.dumps(
+        {"budget": 200, "asr": {"20": 0.4, "50": 0.4, "200": 0.8}, "targets": targets, "outcomes": outcomes}))
+    (tmp_path / "attack_adaptive_none.json").write_text(json.dumps(
+        {"budget": 50, "asr": {"20": 0.4, "50": 0.4}, "targets": targets, "outcomes": outcomes}))
+    assert main(["compare", "--results", str(tmp_path), "--out", str(tmp_path / "g.md")]) == 0
+    md = capsys.readouterr().out
+    assert "adaptive ASR = `bench adaptive`" in md and "test split, 5 targets" in md
+    assert "| 90.0% (20) | 40.0% (80.0% @200) | 3 (+1 attack) |" in md  # stack
+    assert "| 90.0% (20) | 40.0% | 3 (+1 attack) |" in md  # unguarded, budget 50 only
+    assert (tmp_path / "attack_adaptive.png").stat().st_size > 0
 
 
 def test_mixed_splits_or_counting_rules_are_refused(tmp_path, capsys):
