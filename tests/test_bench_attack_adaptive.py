@@ -123,3 +123,9 @@ def test_targets_are_test_split_unsafe_prompts():
     assert [s.group for s in scenes] == ["explicit"] * 20 + ["heldout"] * 20 + ["implicit"] * 20
     assert all(s.is_unsafe for s in scenes) and len({s.caption for s in scenes}) == 60
     assert all(any(w in SYNONYM_TO_CATEGORY for w in s.caption.split()) for s in scenes[:40])
+
+
+def test_text_only_needs_safeguider(tinyworld_plan, tmp_path, capsys):
+    rc = adaptive_bench.main(["--engine", str(tinyworld_plan), "--text-only", "--baseline", str(tinyworld_plan),
+                              "--budget", "2", *FAST, "--out", str(tmp_path / "t.json")])
+    assert rc == 2 and "has no safeguider guard" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
