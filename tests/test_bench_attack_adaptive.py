@@ -129,3 +129,28 @@ def test_text_only_needs_safeguider(tinyworld_plan, tmp_path, capsys):
     rc = adaptive_bench.main(["--engine", str(tinyworld_plan), "--text-only", "--baseline", str(tinyworld_plan),
                               "--budget", "2", *FAST, "--out", str(tmp_path / "t.json")])
     assert rc == 2 and "has no safeguider guard" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+
+
+def test_resume_extends_a_run_without_regenerating():
+    """A budget-20 run extended to 50 asks the oracle only for queries 21..50 and ends as a fresh 50 run does;
+    a won target is kept as it is."""
+    from tqdm import tqdm
+
+    scenes = adaptive_bench.targets("dev", 1)
+    search = {"width": 4, "step": 8, "max_edits": 3}
+
+    def run(budget, done=None, wins_at=None):
+        calls = []
+
+        def oracle_for(seed):
+            oracle, _ = _scripted(wins_at if seed == 1000 else None)
+            return lambda p: calls.append(p) or oracle(p)
+
+        out = adaptive_bench.attack_all(scenes, oracle_for, budget, VOCAB, 0, tqdm(disable=True), done, **search)
+        return out, calls
+
+    short, _ = run(20, wins_at=7)
+    fresh, _ = run(50, wins_at=7)
+    longer, calls = run(50, {o["prompt"]: o for o in short}, wins_at=7)
+    assert [o["log"] for o in longer] == [o["log"] for o in fresh]
+    assert len(calls) == 2 * 30 and longer[1] is short[1]  # the won target (seed 1000) was not re-run
