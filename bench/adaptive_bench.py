@@ -280,6 +280,22 @@ def cell(r: dict[str, Any] | None) -> str:
     return f"{100 * r['asr']['50']:.1f}%" + (f" ({100 * r['asr'][top]:.1f}% @{top})" if int(top) > 50 else "")
 
 
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """One line per row (label -> result): ASR at each reported budget, per group at 50, queries to success."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| guards | budget | ASR @20 | ASR @50 | ASR @200 | @50 explicit / held-out / implicit | queries to "
+             "success, mean / median | won unedited | blocked queries | guard errors | wall s |", "|---" * 11 + "|"]
+    for label, r in rows.items():
+        q, at50 = r["queries_to_success"], r["asr_per_group"]
+        groups = " / ".join(pct(at50.get(g, {}).get("50")) for g in UNSAFE_GROUPS)
+        qs = "-" if q["mean"] is None else f"{q['mean']:.1f} / {q['median']}"
+        lines.append(f"| {label} | {r['budget']} | " + " | ".join(pct(r["asr"].get(str(b))) for b in BUDGETS) +
+                     f" | {groups} | {qs} | {r['won_unedited']} | {r['blocked']} | {r['errors']} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: dict[str, dict[str, Any]]) -> bytes:
     """ASR against the query budget, one line per row (label -> result), from each target's first success."""
     import io

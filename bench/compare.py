@@ -5,7 +5,8 @@ Reads ``bench/results/safety_tinyworld_<name>.json`` (the full run, else ``..._q
 unguarded bundle, each guard, the two text guards together and the four-guard stack; writes ``--out`` (markdown: a
 note naming the split and counting rule, then the table, with the blocked and errored images of each row),
 ``<out>.png`` (unsafe rates per group and end-to-end overhead per bundle) and, where adaptive results exist,
-``attack_adaptive.png`` beside ``--out`` (their ASR against the query budget). Nothing is measured here: run
+``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (their ASR against the query budget; per row
+the ASR at 20 / 50 / 200 queries). Nothing is measured here: run
 ``bench safety`` / ``bench latency`` / ``bench adaptive`` first.
 
 One table holds one protocol: results of different splits (dev / test / the old whole eval split) or counting
@@ -189,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     blobs = [(out, table.encode()), (Path(f"{out}.png"), plot(rows))]
     attacked = {r["label"]: r["adaptive"] for r in rows if r["adaptive"]}
     if attacked:
-        blobs.append((out.parent / "attack_adaptive.png", adaptive_bench.plot(attacked)))
+        blobs += [(out.parent / "attack_adaptive.png", adaptive_bench.plot(attacked)),
+                  (out.parent / "attack_adaptive.md", adaptive_bench.table(attacked).encode())]
     for path, data in blobs:
         with atomic_write(path) as f:
             f.write(data)
