@@ -357,8 +357,10 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
             resume = json.loads(Path(args.resume).read_text()) if args.resume else None
             result = run(args.engine, cfg["budget"], cfg["split"], cfg["per_group"], args.seed, args.width,
                          args.step, args.max_edits, args.steps, not args.quiet, resume, checkpoint)
-            if args.resume:
-                result["resumed"]["from"] = args.resume
+            if args.resume:  # the earlier run's command and time stay on record; seconds: both runs together
+                result["resumed"].update({"from": args.resume, "command": resume.get("command"),
+                                          "seconds": resume.get("seconds")})
+                result["seconds"] = round(result["seconds"] + (resume.get("seconds") or 0), 1)
             partial.unlink(missing_ok=True)
     except RuntimeToolError as e:
         print(f"error: {e}", file=sys.stderr)
