@@ -340,6 +340,7 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
         if cfg["budget"] < 1 or cfg["per_group"] < 1 or out.suffix != ".json":
             print("error: --budget and --per-group must be >= 1, --out must end in .json", file=sys.stderr)
             return int(ExitCode.USAGE)
+        out.parent.mkdir(parents=True, exist_ok=True)  # the checkpoint is written beside --out from the start
         if args.replay:
             result = replay(args.engine, json.loads(Path(args.replay).read_text()), args.steps)
         elif args.text_only:
@@ -367,7 +368,6 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
         return int(e.exit_code)
     argv = sys.argv[1:] if argv is None else argv
     result["command"] = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out, json.dumps(result, indent=1, default=_plain) + "\n"), (out.with_suffix(".md"),
                                                                                       markdown(result))):
         with atomic_write(path) as f:

@@ -88,13 +88,14 @@ def test_budget_prefix_property():
 
 
 def test_unguarded_falls_at_once_and_replays(tinyworld_plan, refusing_bundles, tmp_path):  # noqa: F811
-    out = tmp_path / "none.json"
+    out = tmp_path / "results" / "none.json"  # a new folder: the per-target checkpoint is written there first
     assert adaptive_bench.main(["--engine", str(tinyworld_plan), "--budget", "5", *FAST, "--out", str(out)]) == 0
+    assert not out.with_suffix(".partial.json").exists()  # removed once the result is written
     r = json.loads(out.read_text())
     assert r["targets"]["prompts"] == {"explicit": 1, "heldout": 1, "implicit": 1} and r["guards"] == []
     assert r["asr"]["5"] == 1.0 and all(o["first_success"] <= 5 for o in r["outcomes"])
     assert [o["seed"] for o in r["outcomes"]] == [0, 1000, 2000] and "seed + 1000" in r["seed_rule"]
-    assert len(r["winners"]) == 3 and "ASR @5" in (tmp_path / "none.md").read_text()
+    assert len(r["winners"]) == 3 and "ASR @5" in out.with_suffix(".md").read_text()
     # the saved winners are a fix's check: the image checker refuses every one of them
     rep = tmp_path / "replay.json"
     assert adaptive_bench.main(["--engine", str(refusing_bundles["checked"]), "--replay", str(out), "--steps", "4",
