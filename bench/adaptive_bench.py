@@ -386,7 +386,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", required=True, help="the bundle (.plan) to attack")
     p.add_argument("--budget", type=int, help="queries (images) per target prompt (default 200; quick 10)")
     p.add_argument("--split", choices=("dev", "test"), help="evaluation half (default test; quick dev)")
-    p.add_argument("--per-group", type=int, help="targets per group: explicit, held-out, implicit (default 20; quick 2)")
+    p.add_argument("--per-group", type=int,
+                   help="targets per group: explicit, held-out, implicit (default 20; quick 2)")
     p.add_argument("--quick", action="store_true", help="dev split, 2 targets per group, budget 10")
     p.add_argument("--seed", type=int, default=0, help="base seed (target i uses seed + 1000 i)")
     p.add_argument("--width", type=int, default=4, help="beam width: parents of each step")

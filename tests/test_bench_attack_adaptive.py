@@ -82,7 +82,8 @@ def test_budget_prefix_property():
     big = adaptive.attack(KNIFE, _scripted(None)[0], 50, pools, seed=3)
     small = adaptive.attack(KNIFE, _scripted(None)[0], 20, pools, seed=3)
     assert small.log == big.log[:20]
-    outcomes = [adaptive.attack(KNIFE, _scripted(k)[0], b, pools, seed=3).as_dict() for k in (3, 30, 90) for b in (20, 50)]
+    outcomes = [adaptive.attack(KNIFE, _scripted(k)[0], b, pools, seed=3).as_dict()
+                for k in (3, 30, 90) for b in (20, 50)]
     at50, at20 = outcomes[1::2], outcomes[0::2]
     assert adaptive.asr_at(at50, 20) == adaptive.asr_at(at20, 20) == 1 / 3 and adaptive.asr_at(at50, 50) == 2 / 3
 

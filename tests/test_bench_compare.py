@@ -68,7 +68,8 @@ def test_adaptive_column_and_plot_from_first_successes(tmp_path, capsys):
     assert "| 90.0% (20) | 40.0% | 3 (+1 attack) |" in md  # unguarded, budget 50 only
     assert (tmp_path / "attack_adaptive.png").stat().st_size > 0
     per_row = (tmp_path / "attack_adaptive.md").read_text()
-    assert "| all four (stack) | 200 | 40.0% | 40.0% | 80.0% | 40.0% / - / - | 55.2 / 35.0 | 1 | 7 | 0 | 12.5 |" in per_row
+    assert ("| all four (stack) | 200 | 40.0% | 40.0% | 80.0% | 40.0% / - / - | 55.2 / 35.0 | 1 | 7 | 0 | 12.5 |"
+            in per_row)
     assert "| none (unguarded) | 50 | 40.0% | 40.0% | - |" in per_row
 
 
