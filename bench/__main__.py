@@ -8,6 +8,8 @@
         --out bench/results/safety.json
     python -m bench safeguider-search --engine engines/tinyworld_safeguider.plan --out bench/results/search.json
     python -m bench training-cost --out bench/results/training_cost.json   # recipe FLOPs / disk / H100 hours
+    python -m bench adaptive --engine engines/tinyworld_stack.plan --budget 200 [--quick] \
+        --out bench/results/attack_adaptive_stack.json   # adaptive attack: ASR at 20/50/200 queries
     python -m bench compare       # the README's guard table + chart from the recorded results
     python -m bench compare --before bench/results/before_dev_test   # old vs new results, per guard
     python -m bench serve --engine engines/tinyworld_stack.plan [--requests 200] [--concurrency 8] \
@@ -26,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from bench import compare, latency, safety, search, serve, training_cost
+    from bench import adaptive_bench, compare, latency, safety, search, serve, training_cost
 
     latency.add_parser(sub)
     safety.add_parser(sub)
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_parser(sub)
     training_cost.add_parser(sub)
     serve.add_parser(sub)
+    adaptive_bench.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

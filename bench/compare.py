@@ -1,10 +1,13 @@
 """``python -m bench compare``: the README's guard table and chart from the recorded safety and latency results.
 
-Reads ``bench/results/safety_tinyworld_<name>.json`` (the full run, else ``..._quick.json``) and
-``bench/results/latency_tinyworld_<bundle>_{benign,unsafe}.json`` for the unguarded bundle, each guard, the two text
-guards together and the four-guard stack; writes ``--out`` (markdown: a note naming the split and counting rule,
-then the table, with the blocked and errored images of each row) and ``<out>.png`` (unsafe rates per group and
-end-to-end overhead per bundle). Nothing is measured here: run ``bench safety`` / ``bench latency`` first.
+Reads ``bench/results/safety_tinyworld_<name>.json`` (the full run, else ``..._quick.json``),
+``bench/results/latency_tinyworld_<bundle>_{benign,unsafe}.json`` and ``attack_adaptive_<name>.json`` for the
+unguarded bundle, each guard, the two text guards together and the four-guard stack; writes ``--out`` (markdown: a
+note naming the split and counting rule, then the table, with the blocked and errored images of each row),
+``<out>.png`` (unsafe rates per group and end-to-end overhead per bundle) and, where adaptive results exist,
+``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (their ASR against the query budget; per row
+the ASR at 20 / 50 / 200 queries). Nothing is measured here: run
+``bench safety`` / ``bench latency`` / ``bench adaptive`` first.
 
 One table holds one protocol: results of different splits (dev / test / the old whole eval split) or counting
 rules (any unsafe kind / own category, see :func:`bench.safety.protocol`) are refused, naming the files.
@@ -21,6 +24,7 @@ import io
 import json
 from pathlib import Path
 
+from bench import adaptive_bench
 from bench.safety import count_cell, counting_words, protocol
 from runtime.bundle import atomic_write
 
@@ -51,6 +55,7 @@ def load(results: Path) -> list[dict]:
             measured = json.loads(lat.read_text()) if latency is not None and lat.is_file() else {}
             row[f"overhead_{prompts}"] = 1.0 if latency is None else measured.get("ratio_vs_baseline")
             row[f"step_overhead_{prompts}"] = 1.0 if latency is None else measured.get("step_ratio_vs_baseline")
+        row["adaptive"] = adaptive_bench.load(results, [safety]).get(safety)
         rows.append(row)
     return rows
 
@@ -74,12 +79,17 @@ def markdown(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.3f}"
 
     split, counting = one_protocol(rows)
+    attacked = [r["adaptive"] for r in rows if r["adaptive"]]
+    adaptive_note = "" if not attacked else (
+        f"; adaptive ASR = `bench adaptive` (beam search over prompt edits, {attacked[0]['targets']['split']} split, "
+        f"{sum(attacked[0]['targets']['prompts'].values())} targets, one fixed seed each) at 50 queries per target, "
+        "at its largest budget in parentheses")
     lines = [f"Guards on the tinyworld {split} split; {counting_words(counting)}; blocked = images a guard refused "
-             "(safe), errors = images a guard failed on (attack queries in parentheses).", "",
+             f"(safe), errors = images a guard failed on (attack queries in parentheses){adaptive_note}.", "",
              "| guards | run | unsafe explicit | held-out | implicit | benign accuracy | identical | feature dist. | "
-             "faithfulness | ASR (budget) | blocked | errors | overhead benign | overhead unsafe | "
+             "faithfulness | ASR (budget) | adaptive ASR @50 | blocked | errors | overhead benign | overhead unsafe | "
              "per step benign / unsafe |",
-             "|---" * 15 + "|"]
+             "|---" * 16 + "|"]
     for r in rows:
         fd = r.get("benign_feature_distance", 0.0)
         lines.append(f"| {r['label']} | {r['run']}, {protocol(r)[0]}, {r['images']} img | "
@@ -87,6 +97,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{_pct(r['unsafe_rate_implicit'])} | {_pct(r['benign_attribute_accuracy'])} | "
                      f"{_pct(r['benign_identical_share'])} | {'-' if fd is None else f'{fd:.3f}'} | "
                      f"{_pct(r['unsafe_faithfulness'])} | {_pct(r['attack_success_rate'])} ({r['attack_budget']}) | "
+                     f"{adaptive_bench.cell(r['adaptive'])} | "
                      f"{count_cell(r.get('blocked'))} | {count_cell(r.get('errors'))} | "
                      f"{ratio(r['overhead_benign'])} | {ratio(r['overhead_unsafe'])} | "
                      f"{ratio(r['step_overhead_benign'])} / {ratio(r['step_overhead_unsafe'])} |")
@@ -176,7 +187,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 3
     out = Path(args.out)
-    for path, data in ((out, table.encode()), (Path(f"{out}.png"), plot(rows))):
+    blobs = [(out, table.encode()), (Path(f"{out}.png"), plot(rows))]
+    attacked = {r["label"]: r["adaptive"] for r in rows if r["adaptive"]}
+    if attacked:
+        blobs += [(out.parent / "attack_adaptive.png", adaptive_bench.plot(attacked)),
+                  (out.parent / "attack_adaptive.md", adaptive_bench.table(attacked).encode())]
+    for path, data in blobs:
         with atomic_write(path) as f:
             f.write(data)
     print(table, end="")
