@@ -76,13 +76,14 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
         log = json.loads((guard_root / model.name / guard / "train_log.json").read_text())
         assert data.name in json.dumps(log) and load_data(data).sha256 in json.dumps(log), \
             f"{guard}'s train_log.json does not name its data folder"
-    # SafeCtrl: the detector's categories are the few-shot set's, its positives the 2 few-shot images (+ mirrors) and
-    # every kept pair's unsafe image with a non-empty derived mask; stage 2 blends by the detector's own mask
+    # SafeCtrl (default --detector-masks fewshot+refined): the detector's categories are the few-shot set's; a first
+    # detector on the 2 few-shot images (+ mirrors), then also every kept pair whose derived mask it responds in,
+    # with that mask cut to its response; stage 2 blends by the final detector's own mask
     log = json.loads((guard_root / model.name / "safectrl" / "train_log.json").read_text())
-    d = load_data(data)
-    derived = sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())
-    assert log["data"]["categories"] == ["violence"] and log["counts"]["positive_images"] == 4 + derived
-    assert derived >= 1, "the fixture should give derived positives"
+    refined, derived = log["refined"], _derived_positives(data)
+    assert log["data"]["categories"] == ["violence"] and refined["fewshot_counts"]["positive_images"] == 4
+    assert 1 <= refined["pairs_kept"] <= derived and log["counts"]["positive_images"] == 4 + refined["pairs_kept"]
+    assert 0 < refined["area_refined"] <= refined["area_derived"]
     assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -100,19 +101,19 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     assert png.stat().st_size > 0 and list(report["guards"]) == list(TRAINED)
 
 
-def test_safectrl_refined_positives(fixture_data, tmp_path):
-    """``--detector-masks fewshot+refined``: a detector trained on the few-shot set first, then each kept pair's
-    derived mask cut to where it responds (never more than the derived mask), then the detector on both."""
+def _derived_positives(data: Path) -> int:
+    d = load_data(data)
+    return sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())
+
+
+def test_safectrl_derived_positives(fixture_data, tmp_path):
+    """``--detector-masks fewshot+derived``: the few-shot images (+ mirrors) and every kept pair with a non-empty
+    derived mask, with that mask, in one detector; no refinement pass."""
     model, data = fixture_data("sd1")
     out = tmp_path / "safectrl"
-    assert train("safectrl", model, data, out, tmp_path / "work", "--detector-masks", "fewshot+refined",
-                 "--refine-share", "0.5") == 0
+    assert train("safectrl", model, data, out, tmp_path / "work", "--detector-masks", "fewshot+derived") == 0
     log = json.loads((out / "train_log.json").read_text())
-    refined, d = log["refined"], load_data(data)
-    derived = sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())
-    assert refined["fewshot_counts"]["positive_images"] == 4  # the first detector: few-shot images + mirrors only
-    assert 1 <= refined["pairs_kept"] <= derived and log["counts"]["positive_images"] == 4 + refined["pairs_kept"]
-    assert 0 < refined["area_refined"] <= refined["area_derived"]
+    assert "refined" not in log and log["counts"]["positive_images"] == 4 + _derived_positives(data) > 4
 
 
 @pytest.mark.parametrize("guard", TRAINED)

@@ -35,10 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="noise/t draws per few-shot positive (and its mirror image); 0: so that positives are ~30%% "
                         "of the stage-1 features")
     p.add_argument("--detector-masks", choices=("fewshot", "fewshot+derived", "fewshot+refined"),
-                   default="fewshot+derived",
+                   default="fewshot+refined",
                    help="stage-1 positives: the few-shot masks only; also every kept pair's unsafe image with its "
-                        "derived difference mask; or with that mask cut to where a detector trained on the few-shot "
-                        "set responds (--refine-share)")
+                        "derived difference mask; or (default, chosen on dev) with that mask cut to where a detector "
+                        "trained on the few-shot set responds (--refine-share)")
     p.add_argument("--refine-share", type=float, default=0.5,
                    help="fewshot+refined: keep the derived mask's pixels where the few-shot detector reaches this "
                         "share of its peak inside the mask")
