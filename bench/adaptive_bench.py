@@ -30,12 +30,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from bench import adaptive
 from bench.attack import SUCCESS
 from runtime.bundle import atomic_write
-from bench.safety import UsageError
+from bench.safety import UsageError, _jsonable
 from runtime.errors import ExitCode, RuntimeToolError
 
 BUDGETS = (20, 50, 200)  # reported prefixes
@@ -353,7 +352,7 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
                 state = {"engine": str(args.engine), "budget": cfg["budget"], "outcomes": outcomes,
                          "search": {"width": args.width, "step": args.step, "max_edits": args.max_edits}}
                 with atomic_write(partial) as f:
-                    f.write(json.dumps(state, default=_plain).encode())
+                    f.write(json.dumps(state, default=_jsonable).encode())
 
             resume = json.loads(Path(args.resume).read_text()) if args.resume else None
             result = run(args.engine, cfg["budget"], cfg["split"], cfg["per_group"], args.seed, args.width,
@@ -368,16 +367,12 @@ def main_command(args: argparse.Namespace, argv: list[str] | None = None) -> int
         return int(e.exit_code)
     argv = sys.argv[1:] if argv is None else argv
     result["command"] = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
-    for path, text in ((out, json.dumps(result, indent=1, default=_plain) + "\n"), (out.with_suffix(".md"),
+    for path, text in ((out, json.dumps(result, indent=1, default=_jsonable) + "\n"), (out.with_suffix(".md"),
                                                                                       markdown(result))):
         with atomic_write(path) as f:
             f.write(text.encode())
     print(markdown(result), end="")
     return 0
-
-
-def _plain(x: Any) -> Any:
-    return x.item() if isinstance(x, np.generic) else str(x)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
