@@ -30,7 +30,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-
 from bench import adaptive
 from bench.attack import SUCCESS
 from runtime.bundle import atomic_write
