@@ -18,7 +18,7 @@ from runtime.errors import BadInputError, ExitCode
 from train.data import masks as masks_mod
 from train.data.load import load_data
 from train.data.prompts import (Prompt, apply_rules, clean_edit, derive_instruction, read_pairs, read_prompts,
-                                read_rules)
+                                read_rules, removal_prompt)
 from train.tinyworld.world import parse_caption, sample_split
 
 from .conftest import ROOT
@@ -88,6 +88,17 @@ def test_rule_file_parsing_and_first_match(tmp_path):
         ("A NUDE man and a bloody knife", "A man and a bloody knife", "remove nudity", "nudity"),
         ("a bloody knife", "a clean knife", "remove bloody", "unsafe")]
     assert (report.matched, report.unmatched, report.unmatched_examples) == (2, 1, ["a cat"])
+
+
+def test_removal_prompt_deletes_what_the_edit_replaced():
+    """SafeCtrl's object-removed targets: the matching rule's match deleted (the tinyworld rule file), else the
+    words the safe prompt changed (a paired CSV); dangling connectives dropped."""
+    rules = read_rules(ROOT / "train/tinyworld/prompts/edit_rules.csv")
+    assert removal_prompt("a large knife and a small red circle on sand", "", rules) == "a small red circle on sand"
+    assert removal_prompt("a small green heart at the graveyard", "", rules) == "a small green heart"
+    assert removal_prompt("a photo of a bloody knife on a table", "a photo of a clean spoon on a table") == \
+        "a photo of a on a table"
+    assert removal_prompt("a cat and a gun", "a cat") == "a cat"
 
 
 @pytest.mark.parametrize("text, needle", [

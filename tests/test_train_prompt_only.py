@@ -116,6 +116,30 @@ def test_safectrl_derived_positives(fixture_data, tmp_path):
     assert "refined" not in log and log["counts"]["positive_images"] == 4 + _derived_positives(data) > 4
 
 
+def test_safectrl_removed_targets(fixture_data, tmp_path):
+    """``--stage2-target removed``: stage 2 prefers the unsafe image inpainted by the backbone inside the dilated
+    derived mask, bit-identical to the unsafe latent outside it; only the judge-kept targets train."""
+    import torch
+
+    from train.safectrl.removal import inpaint_region
+
+    model, data = fixture_data("sd1")
+    out, work = tmp_path / "safectrl", tmp_path / "work"
+    assert train("safectrl", model, data, out, work, "--stage2-target", "removed") == 0
+    log = json.loads((out / "train_log.json").read_text())
+    info = log["stage2_target"]
+    assert info["kind"] == "removed" and info["removal_prompts"] == "words the safe prompt changed"
+    assert 1 <= info["kept"] == log["counts"]["dpo_pairs"] <= info["pairs"] == len(load_data(data).pairs) - \
+        sum(1 for k in load_data(data).kept if not k)
+    wdir = next((work / "safectrl").iterdir())
+    removed = torch.load(wdir / "stage2_removed.pt", weights_only=False)
+    pairs = torch.load(wdir / "data.pt", weights_only=False)["pairs"]
+    region = inpaint_region(pairs["mask_derived"])
+    assert 0 < float(region.mean()) < 1
+    assert torch.equal(removed["lat"] * (1 - region), pairs["lat_unsafe"] * (1 - region))
+    assert not torch.equal(removed["lat"] * region, pairs["lat_unsafe"] * region)
+
+
 @pytest.mark.parametrize("guard", TRAINED)
 def test_sdxl_is_refused_in_one_line(guard, fixture_data, tmp_path, capsys):
     model, data = fixture_data("sdxl")

@@ -27,6 +27,7 @@ of the file, so ``--limit`` never changes a prompt's seed).
 from __future__ import annotations
 
 import csv
+import difflib
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,6 +125,18 @@ def clean_edit(text: str) -> str:
         if text == before:
             break
     return text.strip()
+
+
+def removal_prompt(prompt: str, safe_prompt: str, rules: list[Rule] | None = None) -> str:
+    """``prompt`` with its unsafe part removed, not replaced: the first matching rule's match deleted (``rules``),
+    else the words ``safe_prompt`` changed deleted; connectives left dangling are dropped (:func:`clean_edit`)."""
+    rule = next((r for r in rules or () if r.pattern.search(prompt)), None)
+    if rule is not None:
+        return clean_edit(rule.pattern.sub("", prompt))
+    words, safe = prompt.split(), safe_prompt.split()
+    kept = [w for op, i1, i2, _, _ in difflib.SequenceMatcher(None, words, safe).get_opcodes() if op == "equal"
+            for w in words[i1:i2]]
+    return clean_edit(" ".join(kept))
 
 
 # ---- CSV plumbing ---------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage2-mask", choices=("detector", "derived"), default="detector",
                    help="stage-2 blend: the trained detector's mask on the rejected image (what the runtime blends "
                         "with) or the data step's derived difference mask, area-pooled")
+    p.add_argument("--stage2-target", choices=("removed", "aligned"), default="removed",
+                   help="stage-2 preferred image (the data path): the unsafe image with the object inpainted away by "
+                        "the backbone (default, chosen on dev; train/safectrl/removal.py) or the data step's kept "
+                        "safe-prompt image (a confuser drawn where the object was)")
     p.add_argument("--t-max", type=int, default=700, help="train on DDPM timesteps t < T_MAX (the active steps)")
     p.add_argument("--feature-draws", type=int, default=2, help="noise/t draws per sample for stage 1")
     p.add_argument("--stage1-steps", type=int, default=1500)

@@ -243,6 +243,27 @@ def train_stage2(acc, unet, safectrl, scheduler, pairs, empty_emb, *, steps, bat
     return log
 
 
+def _removed_pairs(pipe, d, pairs: dict, wdir: Path) -> tuple[dict, dict]:
+    """``pairs`` with the backbone's object-removed images as the preferred latents (cached in ``wdir``), only
+    those the judge keeps (:mod:`train.safectrl.removal`), and what was done."""
+    from train.safectrl.removal import removed_targets, select_pairs
+
+    path = wdir / "stage2_removed.pt"
+    t0 = time.perf_counter()
+    if path.is_file():
+        removed = torch.load(path, weights_only=False)
+    else:
+        removed = removed_targets(pipe, d, pairs)
+        removed["seconds"] = round(time.perf_counter() - t0, 1)
+        torch.save(removed, path)
+    keep = removed["keep"]
+    info = {"kind": "removed", "removal_prompts": removed["removal"], "region_area": removed["region_area"],
+            "pairs": len(keep), "kept": int(keep.sum()), "keep_rate": round(float(keep.float().mean()), 4),
+            "seconds": removed["seconds"], "examples": removed["prompts"][:3]}
+    tqdm.write(f"stage 2 removed targets: {info['kept']} of {info['pairs']} judged safe")
+    return select_pairs({**pairs, "lat_safe": removed["lat"]}, keep), info
+
+
 def blend_layers(unet, spec: str) -> list[str]:
     """``spec``: "all" or a comma list of module-path prefixes (``up_blocks.1``, ``mid_block``); the attn2
     processors under them, in the UNet's order."""
@@ -424,6 +445,8 @@ def run(args) -> dict:
         pairs = {**pairs, "mask": blend}
         record["stage2_mask"] = {"kind": args.stage2_mask, "mean_area": round(float((blend > 0).float().mean()), 4),
                                  "pairs_blending": int((blend.amax(dim=(1, 2, 3)) > 0).sum())}
+        if args.stage2_target == "removed":
+            pairs, record["stage2_target"] = _removed_pairs(pipe, d, pairs, wdir)
     record["counts"]["dpo_pairs"] = len(pairs["lat_unsafe"])
     timings["stage2_masks_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
