@@ -64,7 +64,7 @@ $(TW_DATA)/data.json: | $(STAMP)
 	  --rules train/tinyworld/prompts/edit_rules.csv --benign train/tinyworld/prompts/benign_guard.csv \
 	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TW_DATA) --resume
 
-guards-tinyworld: $(TW_DATA)/data.json  ## retrain SafeRedir, SafePatch, SafeCtrl from prompts only (~50 min on 2 cores)
+guards-tinyworld: $(TW_DATA)/data.json  ## retrain SafeRedir, SafePatch, SafeCtrl from prompts only (~55 min on 2 cores)
 	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/saferedir --cache .cache/saferedir_data
 	$(PY) -m train safepatch --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safepatch
 	# SafeCtrl's prompt-only weights are not the default yet (they miss the dev bars; README)
