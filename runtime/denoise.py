@@ -101,7 +101,10 @@ class DenoiseLoop:
     def __init__(self, pipe, ctxs: list[GuardContext], guidance: float, latent_shapes: list[tuple[int, ...]]):
         self.guidance = np.float32(guidance)
         self.denoise, self.idle = pipe.engines["denoise"], pipe.engines.get("denoise_idle")
-        self.full_inputs = [t.name for t in pipe.bundle.manifest.component("denoise").inputs if t.name != "timestep"]
+        spec = pipe.bundle.manifest.component("denoise")
+        self.full_inputs = [t.name for t in spec.inputs if t.name != "timestep"]
+        row_axis = next(t.shape[0] for t in spec.inputs if t.name == "sample")  # N of (N, C, h, w)
+        self.row_outputs = {t.name for t in spec.outputs if t.shape and t.shape[0] == row_axis}
         self.idle_inputs = [n for n in pipe.idle_inputs if n != "timestep"]
         self.idle_dropped = pipe.idle_dropped
         starts = np.cumsum([0, *(s[0] for s in latent_shapes)])
@@ -174,7 +177,7 @@ class DenoiseLoop:
             self.idle_steps.append(self.index)
         self.shared["requests"].append(len(members))
         self.shared["rows"].append(sum(rows))
-        return engine.name, _split(outputs, rows)
+        return engine.name, _split(outputs, rows, self.row_outputs)
 
 
 def _attempt(member: Member, fn: Callable, *args) -> Any:
@@ -190,9 +193,8 @@ def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # one request: its own array, uncopied
 
 
-def _split(outputs: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-    """Each member's rows of every output whose first axis is the call's rows; other outputs go to every member
+def _split(outputs: dict[str, Any], rows: list[int], row_outputs: set[str]) -> list[dict[str, Any]]:
+    """Each member's rows of the ``row_outputs`` (first axis: the call's rows); other outputs go to every member
     whole (NaN/Inf there then fails them all: it cannot be attributed)."""
-    total, starts = sum(rows), np.cumsum([0, *rows])
-    return [{k: v[a:b] if getattr(v, "ndim", 0) and v.shape[0] == total else v for k, v in outputs.items()}
-            for a, b in zip(starts, starts[1:])]
+    starts = np.cumsum([0, *rows])
+    return [{k: v[a:b] if k in row_outputs else v for k, v in outputs.items()} for a, b in zip(starts, starts[1:])]
