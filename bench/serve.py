@@ -10,8 +10,11 @@ happens), and sends ``--requests`` generate requests from ``--concurrency`` clie
 tritonclient; request i: prompt i of the tinyworld benign + unsafe evaluation prompts, seed i). Then the same
 requests go through :class:`~runtime.pipeline.Pipeline` in this process, from the same number of threads and
 from one. Reported: throughput, p50 / p99 latency per request, failed requests, images identical to the API's,
-and the resident memory of the server + its Python stubs (sampled after each completed request; the mean over
-the first and the last 50 completions). Writes ``--out`` (JSON) and ``<out>.md`` atomically.
+how many requests shared the server's UNet calls (each report's ``denoise_shared``: the dynamic batcher hands
+the model the queued requests, ``--max-queue-delay-us`` waits for more, and those with the same denoise
+settings share every UNet call), and the resident memory of the server + its Python stubs (sampled after each
+completed request; the mean over the first and the last 50 completions). Writes ``--out`` (JSON) and
+``<out>.md`` atomically.
 """
 
 from __future__ import annotations
@@ -112,6 +115,18 @@ def run_load(target: Callable[[int], str], n: int, concurrency: int,
     return {"wall_s": time.perf_counter() - t0, "latency_ms": latency, "digests": digests, "failures": failures}
 
 
+def sharing(per_request: list[list[int] | None]) -> dict[str, Any]:
+    """The server's UNet calls from each request's ``denoise_shared["requests"]`` (requests per call it was in):
+    a call shared by k requests appears in k reports, so it counts 1/k in each."""
+    calls = [k for r in per_request if r for k in r]
+    if not calls:  # every request failed
+        return {"unet_calls": 0, "mean_requests_per_call": 0.0, "max_requests_per_call": 0, "requests_that_shared": 0}
+    unet_calls = sum(1 / k for k in calls)
+    return {"unet_calls": round(unet_calls), "mean_requests_per_call": round(len(calls) / unet_calls, 2),
+            "max_requests_per_call": max(calls),
+            "requests_that_shared": sum(1 for r in per_request if r and max(r) > 1)}
+
+
 def summarize(run: dict[str, Any], n: int) -> dict[str, Any]:
     ms = np.array([x for x in run["latency_ms"] if x is not None])
     return {"requests": n, "failed": len(run["failures"]), "wall_s": round(run["wall_s"], 3),
@@ -138,7 +153,7 @@ def requests_for(n: int, prompts: list[str], steps: int | None) -> list[dict[str
 
 
 def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict, dict, list]:
-    """Serve ``plan`` with Triton and send ``rows``; returns (summary, memory, digests)."""
+    """Serve ``plan`` with Triton and send ``rows``; returns (summary with the UNet sharing, memory, digests)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -152,12 +167,14 @@ def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         with TritonServer(Path(tmp) / "repo", models=["bench"]) as server:
             url = server.http_url if args.protocol == "http" else server.grpc_url
             local = threading.local()
+            shared: list[list[int] | None] = [None] * len(rows)  # per request: requests in each of its UNet calls
 
             def target(i: int) -> str:
                 if not hasattr(local, "client"):
                     local.client = module.InferenceServerClient(url, network_timeout=300.0) \
                         if args.protocol == "http" else module.InferenceServerClient(url)
-                images, _ = infer(module, local.client, "bench", rows[i])
+                images, reports = infer(module, local.client, "bench", rows[i])
+                shared[i] = reports[0]["denoise_shared"]["requests"]
                 return digest(images[0])
 
             for i in range(min(args.warmup, len(rows))):  # untimed: first ORT runs, arenas
@@ -165,7 +182,7 @@ def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespac
             samples: list[tuple[int, int]] = []
             run = run_load(target, len(rows), args.concurrency, lambda k: samples.append((k, server.rss_bytes())))
             memory = {**memory_flatness(samples), "processes": len(server.pids())}
-    return summarize(run, len(rows)), memory, run["digests"]
+    return {**summarize(run, len(rows)), "unet_sharing": sharing(shared)}, memory, run["digests"]
 
 
 def bench_api(plan: Path, rows: list[dict[str, Any]], concurrency: int, warmup: int) -> tuple[dict, list]:
@@ -194,6 +211,10 @@ def markdown(result: dict[str, Any]) -> str:
              "| | throughput (req/s) | p50 (ms) | p99 (ms) | failed |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {r['throughput_rps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} |"
               for name, r in rows]
+    u = result["server"]["unet_sharing"]
+    lines += ["", f"UNet calls of the server: {u['unet_calls']} for {s['requests']} requests x {s['steps']} steps, "
+              f"{u['mean_requests_per_call']:.2f} requests per call on average (at most {u['max_requests_per_call']}; "
+              f"{u['requests_that_shared']} requests shared at least one call with another)."]
     lines += ["", f"Server memory (RSS of tritonserver + {m['processes'] - 1} Python stub(s)): mean of the first "
               f"{m['window']} completions {m['first_mib']} MiB, of the last {m['window']} {m['last_mib']} MiB "
               f"({m['change_percent']:+.2f}%; flat within 5%: {'yes' if m['flat_within_5_percent'] else 'NO'}).",
