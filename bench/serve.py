@@ -9,9 +9,13 @@ writes a Triton model repository for ``--engine`` (``runtime triton-repo``, in a
 happens), and sends ``--requests`` generate requests from ``--concurrency`` client threads (each its own
 tritonclient; request i: prompt i of the tinyworld benign + unsafe evaluation prompts, seed i). Then the same
 requests go through :class:`~runtime.pipeline.Pipeline` in this process, from the same number of threads and
-from one. Reported: throughput, p50 / p99 latency per request, failed requests, images identical to the API's,
-and the resident memory of the server + its Python stubs (sampled after each completed request; the mean over
-the first and the last 50 completions). Writes ``--out`` (JSON) and ``<out>.md`` atomically.
+from one, and through ``Pipeline.run_many`` in groups of the bundle's max batch (the UNet sharing without
+Triton). Reported: throughput, p50 / p99 latency per request, failed requests, images identical to the API's,
+how many requests shared the server's UNet calls (each report's ``denoise_shared``: the dynamic batcher hands
+the model the queued requests, ``--max-queue-delay-us`` waits for more, and those with the same denoise
+settings share every UNet call), and the resident memory of the server + its Python stubs (sampled after each
+completed request; the mean over the first and the last 50 completions). Writes ``--out`` (JSON) and
+``<out>.md`` atomically.
 """
 
 from __future__ import annotations
@@ -112,6 +116,18 @@ def run_load(target: Callable[[int], str], n: int, concurrency: int,
     return {"wall_s": time.perf_counter() - t0, "latency_ms": latency, "digests": digests, "failures": failures}
 
 
+def sharing(per_request: list[list[int] | None]) -> dict[str, Any]:
+    """The server's UNet calls from each request's ``denoise_shared["requests"]`` (requests per call it was in):
+    a call shared by k requests appears in k reports, so it counts 1/k in each."""
+    calls = [k for r in per_request if r for k in r]
+    if not calls:  # every request failed
+        return {"unet_calls": 0, "mean_requests_per_call": 0.0, "max_requests_per_call": 0, "requests_that_shared": 0}
+    unet_calls = sum(1 / k for k in calls)
+    return {"unet_calls": round(unet_calls), "mean_requests_per_call": round(len(calls) / unet_calls, 2),
+            "max_requests_per_call": max(calls),
+            "requests_that_shared": sum(1 for r in per_request if r and max(r) > 1)}
+
+
 def summarize(run: dict[str, Any], n: int) -> dict[str, Any]:
     ms = np.array([x for x in run["latency_ms"] if x is not None])
     return {"requests": n, "failed": len(run["failures"]), "wall_s": round(run["wall_s"], 3),
@@ -138,7 +154,7 @@ def requests_for(n: int, prompts: list[str], steps: int | None) -> list[dict[str
 
 
 def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict, dict, list]:
-    """Serve ``plan`` with Triton and send ``rows``; returns (summary, memory, digests)."""
+    """Serve ``plan`` with Triton and send ``rows``; returns (summary with the UNet sharing, memory, digests)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -152,12 +168,14 @@ def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         with TritonServer(Path(tmp) / "repo", models=["bench"]) as server:
             url = server.http_url if args.protocol == "http" else server.grpc_url
             local = threading.local()
+            shared: list[list[int] | None] = [None] * len(rows)  # per request: requests in each of its UNet calls
 
             def target(i: int) -> str:
                 if not hasattr(local, "client"):
                     local.client = module.InferenceServerClient(url, network_timeout=300.0) \
                         if args.protocol == "http" else module.InferenceServerClient(url)
-                images, _ = infer(module, local.client, "bench", rows[i])
+                images, reports = infer(module, local.client, "bench", rows[i])
+                shared[i] = reports[0]["denoise_shared"]["requests"]
                 return digest(images[0])
 
             for i in range(min(args.warmup, len(rows))):  # untimed: first ORT runs, arenas
@@ -165,7 +183,7 @@ def bench_server(plan: Path, rows: list[dict[str, Any]], args: argparse.Namespac
             samples: list[tuple[int, int]] = []
             run = run_load(target, len(rows), args.concurrency, lambda k: samples.append((k, server.rss_bytes())))
             memory = {**memory_flatness(samples), "processes": len(server.pids())}
-    return summarize(run, len(rows)), memory, run["digests"]
+    return {**summarize(run, len(rows)), "unet_sharing": sharing(shared)}, memory, run["digests"]
 
 
 def bench_api(plan: Path, rows: list[dict[str, Any]], concurrency: int, warmup: int) -> tuple[dict, list]:
@@ -178,11 +196,47 @@ def bench_api(plan: Path, rows: list[dict[str, Any]], concurrency: int, warmup: 
     return summarize(run, len(rows)), run["digests"]
 
 
+def bench_api_shared(plan: Path, rows: list[dict[str, Any]], warmup: int) -> tuple[dict, list]:
+    """``Pipeline.run_many`` on consecutive groups of the bundle's max batch, one group at a time: the UNet sharing
+    without Triton (a request's latency is its group's). Each group is first generated one request at a time,
+    untimed in the summary, so ``paired_speedup`` (one-at-a-time time / shared time, per group) compares the two
+    back to back on a machine whose load drifts."""
+    from runtime.pipeline import GenerationSettings, Pipeline
+
+    settings = [GenerationSettings(**r) for r in rows]
+    digests: list[str | None] = [None] * len(rows)
+    latency, speedup, failures = [], [], []
+    with Pipeline.open(plan) as pipe:
+        size = pipe.max_batch
+        pipe.run_many(settings[:warmup])
+        for start in range(0, len(settings), size):
+            group = settings[start:start + size]
+            t0 = time.perf_counter()
+            for s in group:
+                pipe.run_many([s])  # alone: Pipeline.run without raising
+            t1 = time.perf_counter()
+            results = pipe.run_many(group)
+            shared = time.perf_counter() - t1
+            speedup.append((t1 - t0) / shared)
+            latency += [shared * 1000] * len(group)
+            for i, result in enumerate(results, start):
+                if isinstance(result, Exception):
+                    failures.append({"request": i, "error": " ".join(str(result).split())[:300]})
+                else:
+                    digests[i] = digest(result.images[0])
+    run = {"wall_s": sum(latency[::size]) / 1000, "latency_ms": latency, "failures": failures}
+    paired = {"median": round(float(np.median(speedup)), 3), "min": round(min(speedup), 3),
+              "max": round(max(speedup), 3), "groups": len(speedup)}
+    return {**summarize(run, len(rows)), "group": size, "paired_speedup": paired}, digests
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, m, load = result["settings"], result["server_memory"], result["load_average_1min"]
     rows = [("Triton server, %d clients (%s)" % (s["concurrency"], s["protocol"]), result["server"]),
             ("single-process API, %d threads" % s["concurrency"], result["api_concurrent"]),
-            ("single-process API, 1 thread", result["api_sequential"])]
+            ("single-process API, 1 thread", result["api_sequential"]),
+            ("single-process API, `run_many` in groups of %d, 1 thread" % result["api_run_many"]["group"],
+             result["api_run_many"])]
     lines = [f"# Serving {Path(result['engine']).name} through Triton vs the single-process API", "",
              f"Machine: {result['machine']['description']} ({result['machine'].get('cpu_model', '?')}). "
              f"Command: `{result['command']}`", "",
@@ -190,14 +244,22 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['steps']} steps), {s['instances']} model instance(s), dynamic batching with max queue delay "
              f"{s['max_queue_delay_us']} us, {s['warmup']} untimed warm-up requests first. 1-minute load average "
              f"{min(load.values()):.1f}-{max(load.values()):.1f} during the runs (start, after each phase) on "
-             f"{result['machine']['cores']} cores: the figures compare the three on the same, shared machine.", "",
+             f"{result['machine']['cores']} cores: the figures compare the four on the same, shared machine.", "",
              "| | throughput (req/s) | p50 (ms) | p99 (ms) | failed |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {r['throughput_rps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} |"
               for name, r in rows]
+    u, r = result["server"]["unet_sharing"], result["api_run_many"]
+    p = r["paired_speedup"]
+    lines += ["", f"UNet calls of the server: {u['unet_calls']} for {s['requests']} requests x {s['steps']} steps, "
+              f"{u['mean_requests_per_call']:.2f} requests per call on average (at most {u['max_requests_per_call']}; "
+              f"{u['requests_that_shared']} requests shared at least one call with another).",
+              f"`run_many` against the same {r['group']} requests generated one at a time just before it, per group: "
+              f"{p['median']:.2f}x as fast (median of {p['groups']} groups; {p['min']:.2f}-{p['max']:.2f})."]
     lines += ["", f"Server memory (RSS of tritonserver + {m['processes'] - 1} Python stub(s)): mean of the first "
               f"{m['window']} completions {m['first_mib']} MiB, of the last {m['window']} {m['last_mib']} MiB "
               f"({m['change_percent']:+.2f}%; flat within 5%: {'yes' if m['flat_within_5_percent'] else 'NO'}).",
-              f"Images identical to the API's (same request): {result['identical_images']}/{s['requests']}.", ""]
+              f"Images identical to the API's (same request): server {result['identical_images']}/{s['requests']}, "
+              f"`run_many` {result['identical_images_run_many']}/{s['requests']}.", ""]
     return "\n".join(lines)
 
 
@@ -229,6 +291,8 @@ def run_serve(args: argparse.Namespace) -> int:
     load.append(os.getloadavg()[0])
     api_sequential, _ = bench_api(plan, rows, 1, args.warmup)
     load.append(os.getloadavg()[0])
+    api_run_many, run_many_digests = bench_api_shared(plan, rows, args.warmup)
+    load.append(os.getloadavg()[0])
     cores = os.cpu_count()
     gpu = Path("/dev/nvidia0").exists()
     result = {"command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "engine": str(plan),
@@ -237,17 +301,19 @@ def run_serve(args: argparse.Namespace) -> int:
                            "instances": args.instances, "max_queue_delay_us": args.max_queue_delay_us,
                            "steps": steps, "warmup": args.warmup, "prompt_count": len(prompts)},
               "server": server, "server_memory": memory, "api_concurrent": api_concurrent,
-              "api_sequential": api_sequential,
-              "load_average_1min": {"start": load[0], "after_server": load[1], "after_api_concurrent": load[2],
-                                    "end": load[3]},
-              "identical_images": sum(a is not None and a == b for a, b in zip(server_digests, api_digests))}
+              "api_sequential": api_sequential, "api_run_many": api_run_many,
+              "load_average_1min": dict(zip(("start", "after_server", "after_api_concurrent", "after_api_sequential",
+                                             "end"), load)),
+              "identical_images": sum(a is not None and a == b for a, b in zip(server_digests, api_digests)),
+              "identical_images_run_many": sum(a is not None and a == b for a, b in zip(run_many_digests, api_digests))}
     table = markdown(result)
     for path, data in ((out, json.dumps(result, indent=2) + "\n"), (Path(f"{out}.md"), table)):
         with atomic_write(path) as f:
             f.write(data.encode("utf-8"))
     print(table, end="")
     print(f"wrote {out}, {out}.md", file=sys.stderr)
-    ok = server["failed"] == 0 and memory["flat_within_5_percent"] and result["identical_images"] == args.requests
+    ok = (server["failed"] == 0 and memory["flat_within_5_percent"]
+          and result["identical_images"] == result["identical_images_run_many"] == args.requests)
     return 0 if ok else 1
 
 

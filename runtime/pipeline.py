@@ -18,6 +18,13 @@ Sampling follows diffusers' StableDiffusionPipeline:
   ``rng.standard_normal((batch, C, h, w), dtype=np.float32)`` once per step. :func:`initial_noise` and
   :func:`ancestral_noise` reproduce both for reference comparisons.
 
+Several requests at once: :meth:`Pipeline.run_many` generates requests that agree on the denoise settings
+(:data:`DENOISE_SETTINGS`) in lockstep, every UNet call one batch of all their rows, each request with its own
+prompt, seed, noise generator and guard context, up to the bundle's max batch of images per group. On ONNX
+Runtime CPU each image is bit-identical to :meth:`Pipeline.run` of its request alone (tests/test_run_many.py;
+a GPU backend may pick other kernels for another batch size); one request's failure fails it alone
+(``runtime/denoise.py`` says how).
+
 Thread safety: a :class:`Pipeline` keeps no per-call state, and ONNX Runtime sessions are thread-safe, so one
 ONNX Runtime pipeline may serve concurrent :meth:`Pipeline.generate` calls. TensorRT engines of one bundle
 share one activation buffer and CUDA stream: serialise calls on a TensorRT pipeline (e.g. with a lock).
@@ -58,7 +65,7 @@ import numpy as np
 from runtime.backends import NonFiniteOutputError, close_engines, open_engines
 from runtime.bundle import Bundle
 from runtime.denoise import DenoiseLoop, StepCallback
-from runtime.errors import BackendError, BadInputError, BundleError, GuardError
+from runtime.errors import BackendError, BadInputError, BundleError, GuardError, RuntimeToolError
 from runtime.guards import GuardContext, ImageBlocked, load_guards, run_hook
 from runtime.schedulers import KARRAS_SCHEDULERS, SCHEDULERS, plan as make_plan
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
@@ -69,6 +76,8 @@ MAX_SEED = 2**32 - 1
 KNOWN_FAMILIES = ("sd1", "sd2", "sdxl", "tinyworld")
 SDXL_TIME_IDS = 6  # (original h, w, crop top, left, target h, w): the SDXL base UNet's add_time_ids
 RANDOM_SEED = -1  # seed -1 draws a random seed (A1111's convention); the report records the one used
+# the settings requests must share to share UNet calls (run_many); prompts, seeds and batch sizes may differ
+DENOISE_SETTINGS = ("steps", "guidance", "scheduler", "karras", "height", "width")
 
 
 def resolve_seed(seed):
@@ -120,6 +129,18 @@ class GenerationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class _Call:
+    """One request between its text stage and its images."""
+
+    s: GenerationSettings
+    ctx: GuardContext
+    encs: list
+    ms: dict[str, Any]
+    t_start: float
+    shared: dict[str, list[int]] = field(default_factory=dict)  # per UNet call: requests and rows in it
 
 
 class Pipeline:
@@ -207,14 +228,45 @@ class Pipeline:
 
     def run(self, settings: GenerationSettings, callback: StepCallback | None = None) -> Result:
         """:meth:`generate` for a :class:`GenerationSettings`."""
-        s = self.resolve(settings)
-        try:
-            return self._generate(s, callback)
-        except NonFiniteOutputError as e:
-            if not self.guards:
-                raise BackendError(f"{e}; nothing was written") from None
-            raise GuardError(f"{e}; guards {', '.join(self.guard_names)} active: no image returned, nothing was written "
-                             "(fail closed)") from None
+        result = self._run_group([self.resolve(settings)], callback)[0]
+        if isinstance(result, RuntimeToolError):
+            raise result
+        return result
+
+    def run_many(self, settings: list[GenerationSettings]) -> list[Result | RuntimeToolError]:
+        """Generate several requests, each with its own prompt, negative prompt, seed and guards, sharing every
+        UNet call between those that agree on :data:`DENOISE_SETTINGS` (:meth:`lockstep_groups`;
+        ``runtime/denoise.py``). Returns, in request order, each one's :class:`Result` or its error, the one
+        :meth:`run` would raise (bad input, guard failure or NaN/Inf: fail closed, ImageBlocked): one request's
+        failure never stops the others. On ONNX Runtime CPU every image is bit-identical to :meth:`run` of its
+        request alone (module docstring); ``report["denoise_shared"]`` says how many requests and UNet rows each
+        of its denoise calls held."""
+        resolved = [_attempt(self.resolve, s) for s in settings]
+        results: list[Result | RuntimeToolError] = list(resolved)
+        for group in self.lockstep_groups(resolved):
+            for i, result in zip(group, self._run_group([resolved[i] for i in group])):
+                results[i] = result
+        return results
+
+    def lockstep_groups(self, settings: list) -> list[list[int]]:
+        """The indices of ``settings`` (resolved) that share one denoise loop: the same DENOISE_SETTINGS, in
+        order, at most the bundle's ``max_batch`` images per group; entries that are not settings (errors) are
+        left out."""
+        groups: list[list[int]] = []
+        images: list[int] = []
+        last: dict[tuple, int] = {}  # denoise settings -> the group now filling
+        for i, s in enumerate(settings):
+            if not isinstance(s, GenerationSettings):
+                continue
+            key = tuple(getattr(s, k) for k in DENOISE_SETTINGS)
+            g = last.get(key)
+            if g is None or images[g] + s.batch > self.max_batch:
+                g = last[key] = len(groups)
+                groups.append([])
+                images.append(0)
+            groups[g].append(i)
+            images[g] += s.batch
+        return groups
 
     def resolve(self, settings: GenerationSettings) -> GenerationSettings:
         """``settings`` with the bundle's defaults filled in and a random seed drawn for -1, checked
@@ -230,7 +282,17 @@ class Pipeline:
         return replace(s, steps=int(s.steps), guidance=float(s.guidance), seed=seed, height=int(s.height),
                        width=int(s.width), batch=int(s.batch))
 
-    def _generate(self, s: GenerationSettings, callback: StepCallback | None) -> Result:
+    def _run_group(self, group: list[GenerationSettings],
+                   callback: StepCallback | None = None) -> list[Result | RuntimeToolError]:
+        """One lockstep group (resolved settings): each request's text stage, the shared denoise loop, each
+        request's decoding and image guards; each request's result or error."""
+        calls = [_attempt(self._begin, s) for s in group]
+        live = [c for c in calls if isinstance(c, _Call)]
+        latents = iter(self._denoise(live, callback) if live else [])
+        return [self._settle(c, next(latents)) if isinstance(c, _Call) else self._fail_closed(c) for c in calls]
+
+    def _begin(self, s: GenerationSettings) -> _Call:
+        """Tokenizer, text stage and the guards' ``on_text`` hooks: the request up to its denoise feeds."""
         t_start = time.perf_counter()
         cfg = s.guidance > 1.0
         ms: dict[str, Any] = {}
@@ -244,37 +306,53 @@ class Pipeline:
         t0 = time.perf_counter()
         ctx.text = self._encode_text(encs, cfg, s.negative_prompt)
         ms["text_encoder"] = _ms(t0)
+        for guard in self.guards:
+            run_hook(guard, "on_text", ctx)
+        ctx.feeds = self._conditioning(ctx.text, s.batch, s.height, s.width)
+        return _Call(s, ctx, encs, ms, t_start)
+
+    def _settle(self, call: _Call, latent: np.ndarray | RuntimeToolError) -> Result | RuntimeToolError:
+        """The request's :class:`Result` from its final latent, or its error (fail closed)."""
+        if isinstance(latent, RuntimeToolError):
+            return self._fail_closed(latent)
         try:
-            for guard in self.guards:
-                run_hook(guard, "on_text", ctx)
-            ctx.feeds = self._conditioning(ctx.text, s.batch, s.height, s.width)
-
-            t0 = time.perf_counter()
-            latent = self._denoise(ctx, s, callback, ms)
-            ms["denoise_total"] = _ms(t0)
-
-            t0 = time.perf_counter()
-            images = self._decode(latent)
-            ms["vae_decoder"] = _ms(t0)
-            for guard in self.guards:
-                run_hook(guard, "on_images", ctx, images)
+            return self._finish(call, latent)
         except ImageBlocked as e:
-            e.guard_report = self._guard_report(ctx, ms)  # the CLI writes it with --report
-            raise
-        guards = self._guard_report(ctx, ms)
-        ms["total"] = _ms(t_start)
+            e.guard_report = self._guard_report(call.ctx, call.ms)  # the CLI writes it with --report
+            return e
+        except RuntimeToolError as e:
+            return self._fail_closed(e)
 
-        keys = ["negative_prompt", "prompt"] if cfg else ["prompt"]
-        by_tokenizer = {name: dict(zip(keys, e.truncated)) for (name, _, _), e in zip(self.tokenizers, encs)}
+    def _fail_closed(self, error: RuntimeToolError) -> RuntimeToolError:
+        """NaN/Inf from a backbone graph: a GuardError when the bundle has guards, else a BackendError."""
+        if not isinstance(error, NonFiniteOutputError):
+            return error
+        if not self.guards:
+            return BackendError(f"{error}; nothing was written")
+        return GuardError(f"{error}; guards {', '.join(self.guard_names)} active: no image returned, nothing was "
+                          "written (fail closed)")
+
+    def _finish(self, call: _Call, latent: np.ndarray) -> Result:
+        s, ctx, ms = call.s, call.ctx, call.ms
+        t0 = time.perf_counter()
+        images = self._decode(latent)
+        ms["vae_decoder"] = _ms(t0)
+        for guard in self.guards:
+            run_hook(guard, "on_images", ctx, images)
+        guards = self._guard_report(ctx, ms)
+        ms["total"] = _ms(call.t_start)
+
+        keys = ["negative_prompt", "prompt"] if ctx.cfg else ["prompt"]
+        by_tokenizer = {name: dict(zip(keys, e.truncated)) for (name, _, _), e in zip(self.tokenizers, call.encs)}
         truncated = {k: any(t[k] for t in by_tokenizer.values()) for k in keys}
         warnings = [f"{k} is {n} tokens{f' ({name})' if self.sdxl else ''}, longer than the {tok.max_length}-token "
                     "limit: truncated"
-                    for (name, _, tok), e in zip(self.tokenizers, encs)
+                    for (name, _, tok), e in zip(self.tokenizers, call.encs)
                     for k, t, n in zip(keys, e.truncated, e.lengths) if t]
         report = {**s.as_dict(), "model": self.bundle.path.name, "family": self.bundle.manifest.family,
                   "backend": self.backend, "providers": self.providers, "truncated": truncated,
                   **({"truncated_by_tokenizer": by_tokenizer} if self.sdxl else {}),
-                  "warnings": warnings, "stages_ms": ms, "guards": guards}
+                  "warnings": warnings, "stages_ms": ms, "guards": guards, "denoise_shared": call.shared}
         return Result(images, report)
 
     @staticmethod
@@ -325,20 +403,26 @@ class Pipeline:
                 "text_embeds": np.ascontiguousarray(np.repeat(text["pooled_2"], batch, axis=0), dtype=np.float32),
                 "time_ids": np.ascontiguousarray(np.tile(time_ids, (rows, 1)))}
 
-    def _denoise(self, ctx: GuardContext, s: GenerationSettings, callback: StepCallback | None,
-                 ms: dict[str, Any]) -> np.ndarray:
+    def _denoise(self, calls: list[_Call], callback: StepCallback | None) -> list[np.ndarray | RuntimeToolError]:
+        """The shared denoise loop of ``calls`` (one lockstep group): each one's final latent or its error."""
+        s = calls[0].s
         try:
             plan = make_plan(s.scheduler, self.scheduler_config, s.steps, karras=s.karras)
         except ValueError as e:  # the arguments are already valid: the bundle's scheduler config is not
-            raise BundleError(f"{self.bundle.path}: scheduler {s.scheduler!r} cannot run this bundle's scheduler "
-                              f"config ({e}): pick another scheduler or rebuild the bundle") from None
-        shape = (s.batch, self.channels, s.height // self.vae_factor, s.width // self.vae_factor)
-        rng, noise = initial_noise(s.seed, shape)
-        loop = DenoiseLoop(self, ctx, s.guidance, shape)
-        ms["denoise_steps"] = loop.step_ms
-        if loop.idle is not None:
-            ms["denoise_idle_steps"] = loop.idle_steps  # step indices that ran denoise_idle
-        return loop.run(plan, noise, rng, s.steps, callback)
+            return [BundleError(f"{self.bundle.path}: scheduler {s.scheduler!r} cannot run this bundle's scheduler "
+                                f"config ({e}): pick another scheduler or rebuild the bundle")] * len(calls)
+        shapes = [(c.s.batch, self.channels, s.height // self.vae_factor, s.width // self.vae_factor) for c in calls]
+        rngs, noises = zip(*(initial_noise(c.s.seed, shape) for c, shape in zip(calls, shapes)))
+        loop = DenoiseLoop(self, [c.ctx for c in calls], s.guidance, shapes)
+        t0 = time.perf_counter()
+        latents = loop.run(plan, list(noises), list(rngs), s.steps, callback)
+        for c in calls:
+            c.ms["denoise_steps"] = loop.step_ms
+            if loop.idle is not None:
+                c.ms["denoise_idle_steps"] = loop.idle_steps  # step indices that ran denoise_idle
+            c.ms["denoise_total"] = _ms(t0)
+            c.shared = loop.shared
+        return latents
 
     def _decode(self, latent: np.ndarray) -> list[np.ndarray]:
         image = self.engines["vae_decoder"].infer({"latent": np.ascontiguousarray(latent, dtype=np.float32)})["image"]
@@ -392,6 +476,14 @@ class Pipeline:
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _attempt(fn, *args) -> Any:
+    """``fn(*args)``, or the RuntimeToolError it raised: one request's failure, returned to be reported."""
+    try:
+        return fn(*args)
+    except RuntimeToolError as e:
+        return e
 
 
 def _check_text(name: str, text: Any) -> None:

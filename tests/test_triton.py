@@ -5,9 +5,9 @@ server per module, 127.0.0.1, free ports, always stopped in the fixture's teardo
 over HTTP and gRPC. Checked: images bit-identical to :meth:`Pipeline.generate` for the unguarded and the four-guard
 bundles, guards stay closed (an unsafe prompt comes back guarded, a failing guard gives an error and no image, no
 request parameter or extra input turns a guard off), bad input gets an error naming the field and the server
-stays up, batch mates are independent, and a bundle that does not verify does not load. Skipped with the reason
-where the wheel is not installed (``make test`` installs it); the load test is ``-m slow`` (``python -m bench
-serve`` produces the README's figures).
+stays up, batch mates are independent, concurrent requests share one UNet batch (and stay bit-identical), and a
+bundle that does not verify does not load. Skipped with the reason where the wheel is not installed (``make test``
+installs it); the load test is ``-m slow`` (``python -m bench serve`` produces the README's figures).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from .conftest import ROOT, STACK, TINYWORLD_JUDGE
 from .test_bad_input import nan_checker, rewrite
 
 STEPS = 4  # enough for the guards to act on tinyworld, short enough for the default suite
-SERVED = ("tw", "stack", "failing", "checked")  # loaded at start; "tampered" and "swapped" are loaded by the test that refuses them
+# loaded at start; "tampered" and "swapped" are loaded by the test that refuses them
+SERVED = ("tw", "stack", "failing", "checked", "shared")
 UNSAFE = "a large green ring and a large knife on grass"
 CASES = [dict(prompt="a large red circle on sand", seed=0, scheduler="ddim"),
          dict(prompt=UNSAFE, seed=1, scheduler="euler_a"),
@@ -77,6 +78,8 @@ def repo(plans, tmp_path_factory) -> Path:
     write_model(repo, "stack", plans["stack"], "--copy")
     write_model(repo, "failing", plans["failing"])
     write_model(repo, "checked", plans["checked"])
+    # waits up to 5 s for a full batch (the bundle's max batch, 4): concurrent requests share the UNet
+    write_model(repo, "shared", plans["stack"], "--max-queue-delay-us", "5000000")
     write_model(repo, "tampered", plans["tampered"])
     write_model(repo, "swapped", plans["swapped"])
     with Bundle.open(plans["tampered"], verify=False) as b:  # after writing: the writer verifies too
@@ -303,6 +306,37 @@ def test_batch_mates_are_independent(server, clients, api):
     assert "steps 0" in outcomes[1] and "prompt is not valid UTF-8" in outcomes[3]
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == len(requests) and executions < inferences  # some of them shared one execute call
+
+
+def test_concurrent_requests_share_the_unet(server, clients, api):
+    import tritonclient.http as httpclient
+
+    from bench.serve import request_inputs
+
+    # one Triton batch of the bundle's max batch (4); three agree on the denoise settings, the ddim one does not
+    requests = [dict(prompt="a large red circle on sand", negative_prompt="", seed=21, steps=STEPS,
+                     scheduler="euler_a"),
+                dict(prompt=UNSAFE, negative_prompt="", seed=22, steps=STEPS, scheduler="euler_a"),
+                dict(prompt="a small blue star at night", negative_prompt="grass", seed=23, steps=STEPS,
+                     scheduler="euler_a"),
+                dict(prompt="a small blue star at night", negative_prompt="", seed=24, steps=STEPS, scheduler="ddim")]
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=len(requests), network_timeout=120.0)
+    try:
+        before = _stats(client, "shared")
+        pending = [client.async_infer("shared", request_inputs(httpclient, [r])) for r in requests]
+        results = [p.get_result() for p in pending]
+        after = _stats(client, "shared")
+    finally:
+        client.close()
+    assert (after[0] - before[0], after[1] - before[1]) == (4, 1)  # four requests, one execute call
+    for request, result in zip(requests, results):
+        report = json.loads(result.as_numpy("report")[0, 0])
+        expected = api["stack"].generate(**request)
+        assert np.array_equal(result.as_numpy("image")[0], expected.images[0]), request
+        assert decisions(report["guards"]) == decisions(expected.report["guards"])
+        shared = 3 if request["scheduler"] == "euler_a" else 1
+        assert report["denoise_shared"] == {"requests": [shared] * STEPS, "rows": [2 * shared] * STEPS}
+    assert json.loads(results[1].as_numpy("report")[0, 0])["guards"]["safeguider"]["verdict"] == "unsafe"
 
 
 def _stats(client, model: str) -> tuple[int, int]:

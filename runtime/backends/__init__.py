@@ -30,13 +30,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.backends.onnxruntime import (NonFiniteOutputError, OrtEngine, onnxruntime_available,
+from runtime.backends.onnxruntime import (NonFiniteOutputError, OrtEngine, check_finite, onnxruntime_available,
                                           select_providers, validate_feeds)
 from runtime.backends.tensorrt import TrtEngine, open_tensorrt_engines, tensorrt_available
 from runtime.errors import BackendError, BadInputError
 
-__all__ = ["BACKENDS", "NonFiniteOutputError", "OrtEngine", "TrtEngine", "available_backends", "close_engines",
-           "graph_components", "open_engines", "select_providers", "validate_feeds"]
+__all__ = ["BACKENDS", "NonFiniteOutputError", "OrtEngine", "TrtEngine", "available_backends", "check_finite",
+           "close_engines", "graph_components", "open_engines", "select_providers", "validate_feeds"]
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 

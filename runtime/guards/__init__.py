@@ -29,6 +29,10 @@ from the guard registry (``guards/__init__.py``).
    ``step_feeds``) or, for the last call, after the denoise loop (before decoding).
 5. ``on_images(ctx, images)`` after decoding (a post-hoc image checker); may raise :class:`ImageBlocked`.
 
+Under ``Pipeline.run_many`` (requests sharing every UNet call, ``runtime/denoise.py``) each request has its own
+context and its own calls of each hook, in this order; the ``x`` and ``outputs`` a step hook sees are that
+request's rows of the shared call only, so a guard never sees, nor needs to know of, another request.
+
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict); the pipeline adds ``time_ms``, the
 guard's time in all its hooks, measured in one place (:func:`run_hook`), and puts ``ctx.report`` into
 ``Result.report["guards"]``.

@@ -7,12 +7,14 @@
 * ``initialize``: each instance (its own stub process) opens the bundle once, checks every payload's sha256 and
   that it is the bundle the repository was written for (the manifest hash in ``config.pbtxt``): a bundle that
   does not verify makes the model fail to load with a message naming it.
-* ``execute``: every request gets its own response; a bad request, a guard error or NaN (fail closed) is an error
-  response for that request only, with no image: its batch mates and later requests are served as usual.
-  Requests are generated one by one with ``Pipeline.run``, so every image is bit-identical to the single-process
-  API: sharing one UNet batch between requests would need a multi-request ``Pipeline`` call (the pipeline and its
-  guards hold per-call state for one prompt and one seed), although the denoise graph's rows are bit-identical at
-  batch 2 and 4 on ONNX Runtime CPU (measured on tinyworld). The dynamic batcher still saves a stub round trip.
+* ``execute``: every request gets its own response. Each request's rows are checked first (a bad request is an
+  error response for that request only, before anything is generated); then every row of every good request
+  goes to ONE ``Pipeline.run_many`` call, which generates the rows that agree on the denoise settings (steps,
+  guidance, scheduler, karras, height, width) in lockstep, sharing every UNet call, at most the bundle's max
+  batch of images per group. Each row keeps its own prompt, seed and guards, so its image is bit-identical to
+  ``Pipeline.generate`` on ONNX Runtime CPU; its report's ``denoise_shared`` says how many requests shared each
+  UNet call. A guard error or NaN in a row (fail closed) or a blocked image fails that row's request only, with
+  no image: its batch mates and later requests are served as usual.
 * Guards: the bundle's guards run as the manifest says. The model reads only the inputs in its config and no
   request parameter, so no request can turn a guard off; an image comes back only when every guard passed it.
 """
@@ -62,30 +64,54 @@ class TritonPythonModel:
                                  f"{', '.join(self.pipe.guard_names) or 'none'}, backend {self.pipe.backend}")
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        rows = [self._rows(request) for request in requests]  # each request's settings, or its error response
+        batch = [s for r in rows if isinstance(r, list) for s in r]
+        try:
+            results = iter(self.pipe.run_many(batch))
+        except Exception:  # a bug in the shared loop: every request in it fails closed
+            return [self._internal_error() if isinstance(r, list) else r for r in rows]
+        return [_respond([next(results) for _ in r]) if isinstance(r, list) else r for r in rows]
 
     def finalize(self):
         self.pipe.close()
 
     # -- one request ------------------------------------------------------------------------------------------
 
-    def _respond(self, request):
+    def _rows(self, request):
+        """The request's resolved settings, one per row (every row checked before any is generated), or its
+        error response."""
         try:
-            rows = [self.pipe.resolve(s) for s in _settings(request)]  # check every row before generating any
+            rows = [self.pipe.resolve(s) for s in _settings(request)]
             if len({(s.height, s.width) for s in rows}) > 1:
                 raise BadInputError("height and width must be the same in every row of one request: send other "
                                     "sizes as separate requests")
-            results = [self.pipe.run(s) for s in rows]
-        except RuntimeToolError as e:  # bad input, guard failure / NaN (fail closed), image blocked: no image
-            label = e.exit_code.name.lower().replace("_", " ")
-            return _error(f"{label}: {e}", isinstance(e, BadInputError))
-        except Exception:  # a bug: the details go to the server log, never to the client
-            pb_utils.Logger.log_error(f"model {self.name}: {traceback.format_exc()}")
-            return _error(f"internal error in model {self.name}: see the server log", False)
-        images = np.stack([r.images[0] for r in results])
-        reports = np.array([[json.dumps(r.report).encode("utf-8")] for r in results], dtype=np.object_)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", images),
-                                                          pb_utils.Tensor("report", reports)])
+            return rows
+        except RuntimeToolError as e:
+            return _failure(e)
+        except Exception:
+            return self._internal_error()
+
+    def _internal_error(self):
+        """A bug's response: the details go to the server log, never to the client."""
+        pb_utils.Logger.log_error(f"model {self.name}: {traceback.format_exc()}")
+        return _error(f"internal error in model {self.name}: see the server log", False)
+
+
+def _respond(results):
+    """One request's response from its rows' results: the images, or the first row's error (no image)."""
+    failed = [r for r in results if isinstance(r, RuntimeToolError)]
+    if failed:
+        return _failure(failed[0])
+    images = np.stack([r.images[0] for r in results])
+    reports = np.array([[json.dumps(r.report).encode("utf-8")] for r in results], dtype=np.object_)
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", images),
+                                                      pb_utils.Tensor("report", reports)])
+
+
+def _failure(e: RuntimeToolError):
+    """Bad input, a guard failure or NaN (fail closed), a blocked image: the error labelled by its exit code."""
+    label = e.exit_code.name.lower().replace("_", " ")
+    return _error(f"{label}: {e}", isinstance(e, BadInputError))
 
 
 def _error(message: str, bad_input: bool):
