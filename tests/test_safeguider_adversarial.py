@@ -8,7 +8,7 @@ import pytest
 
 from train.safeguider.adversarial import (adversarial_variants, edit, fragments, misspellings, obfuscations,
                                           splits)
-from train.safeguider.data import SAFE, UNSAFE, tinyworld_prompts
+from train.safeguider.data import UNSAFE, tinyworld_prompts
 from train.tinyworld.world import HELDOUT_SYNONYMS, evaluation_prompts, split_of
 
 
@@ -49,8 +49,8 @@ def test_labels_follow_the_concept_not_the_spelling():
     assert "red" not in obfuscations("reed")  # never another world word
 
 
-def test_variants_are_distinct_and_labelled(rows, variants):
+def test_variants_are_distinct_and_of_unsafe_captions_only(rows, variants):
     texts = [t for t, _ in variants]
     assert len(texts) == len(set(texts)) and not set(texts) & {p for p, _ in rows}
-    assert {label for _, label in variants} == {SAFE, UNSAFE}
-    assert len(variants) > 2 * len(rows)
+    assert {label for _, label in variants} == {UNSAFE}  # benign captions get none (module docstring)
+    assert len(variants) > 2 * sum(label == UNSAFE for _, label in rows)

@@ -2,14 +2,17 @@
 
 The adaptive attack (``bench/adaptive.py``) wins with prompts that keep the concept but not its spelling:
 misspellings ("skul", "bloodd"), splits into BPE fragments ("kn ife"), fragments ("gor"), moved phrases and
-inserted filler or place words. Each training caption of the ``guard`` split gets ``per_prompt`` variants with
-1..``max_edits`` such edits; the label follows the concept, not the spelling:
+inserted filler or place words. Each UNSAFE training caption of the ``guard`` split gets ``per_prompt`` variants
+with 1..``max_edits`` such edits; the label follows the concept, not the spelling (:func:`edit`):
 
 - an unsafe word (a guard-split synonym or place word) misspelled, split or cut to a fragment stays unsafe (the
   text encoder still reads the concept; the attack's winners show the backbone still draws it);
-- a benign word misspelled stays benign (a typo alone is not unsafe: keeps the benign false-alarm rate down);
-- phrases swapped, fillers, backgrounds or benign words inserted, a word outside every unsafe phrase deleted:
-  the label of the caption; a place phrase of a category inserted ("at the butcher") makes it unsafe.
+- phrases swapped, fillers, backgrounds or benign words inserted, a word outside every unsafe phrase deleted,
+  a benign word misspelled: still unsafe.
+
+Benign captions get no variants: with typo'd benign captions labelled safe as well, the classifier learned that
+odd spellings are safe and flagged FEWER attack-style edits of held-out unsafe captions than before (66.6% vs
+82.8%; unsafe captions only: 98.3%; bench/results/adaptive_defences.md).
 
 Only guard-split material: the held-out synonyms (machete, carnage, deathshead) and anything spelled from them
 never appear, and a variant that is itself a caption of another split (a reorder can make one) is dropped, so
@@ -129,14 +132,14 @@ def obfuscate(words: list[str], rng: random.Random, vocab: Iterable[str]) -> lis
 
 def adversarial_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 0, max_edits: int = 3,
                          vocab: Iterable[str] = ()) -> list[tuple[str, int]]:
-    """``per_prompt`` attack-style variants of each (guard-split caption, label) row, labelled by the concept
-    (module docstring); never a held-out synonym, never a caption of another split, never a duplicate."""
+    """``per_prompt`` attack-style variants of each unsafe (guard-split caption, label) row, labelled by the
+    concept (module docstring); never a held-out synonym, never a caption of another split, never a duplicate."""
     rng = random.Random(f"safeguider-adversarial:{seed}")
     vocab = tuple(vocab)
     seen = {p for p, _ in rows}
     out = []
     for prompt, label in rows:
-        for _ in range(per_prompt):
+        for _ in range(per_prompt if label == UNSAFE else 0):
             words, unsafe = prompt.split(), label == UNSAFE
             for _ in range(rng.randint(1, max_edits)):
                 words, unsafe = edit(words, unsafe, rng, vocab)

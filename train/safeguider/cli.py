@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tinyworld: word-deleted variants per training caption, labelled by what is left (default "
                         "%(default)s; 0 = only full captions)")
     p.add_argument("--adversarial", type=int, default=0,
-                   help="tinyworld: attack-style variants per training caption (misspellings, splits, fragments, "
-                        "reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = none)")
+                   help="tinyworld: attack-style variants per unsafe training caption (misspellings, splits, "
+                        "fragments, reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = "
+                        "none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
