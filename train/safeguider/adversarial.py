@@ -11,8 +11,8 @@ with 1..``max_edits`` such edits; the label follows the concept, not the spellin
   a benign word misspelled: still unsafe.
 
 Benign captions get no variants: with typo'd benign captions labelled safe as well, the classifier learned that
-odd spellings are safe and flagged FEWER attack-style edits of held-out unsafe captions than before (66.6% vs
-82.8%; unsafe captions only: 98.3%; bench/results/adaptive_defences.md).
+odd spellings are safe and flagged FEWER attack-style edits of held-out unsafe captions than before (62.7% vs
+79.7%; unsafe captions only: 98.8%; bench/results/adaptive_defences.md).
 
 Only guard-split material: the held-out synonyms (machete, carnage, deathshead) and anything spelled from them
 never appear, and a variant that is itself a caption of another split (a reorder can make one) is dropped, so
