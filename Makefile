@@ -82,11 +82,15 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
                           models/guards/tinyworld/%/config.json guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $* --out $@
 
+# The stack (issue 20): SafeGuider gates, the others remove on its flag; its SafePatch is the renderer-trained one
+# (the prompt-only patch, forced on every flagged prompt, kept the scene in ~55% of unsafe dev images)
+STACK_PATCH := models/guards_renderer/tinyworld/safepatch
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
-                              $(GUARD_CODE) | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) --out $@
+                              $(STACK_PATCH)/model.safetensors $(STACK_PATCH)/config.json $(GUARD_CODE) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
+	  --guard-weights safepatch=$(STACK_PATCH) --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                              $(foreach g,safeguider saferedir,models/guards/tinyworld/$(g)/model.safetensors \

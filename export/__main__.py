@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from runtime.errors import ExitCode, RuntimeToolError  # noqa: E402
+from runtime.errors import BadInputError, ExitCode, RuntimeToolError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--guards", default="", help="comma list of guards to fuse: safeguider,saferedir,safepatch,safectrl")
     b.add_argument("--guard-dir", type=Path, default=None,
                    help="root of trained guard weights, <root>/<model name>/<guard>/ (default: models/guards)")
+    b.add_argument("--guard-weights", action="append", default=[], metavar="GUARD=DIR",
+                   help="one guard's weights folder instead of --guard-dir's (repeatable), e.g. "
+                        "safepatch=models/guards_renderer/tinyworld/safepatch")
+    b.add_argument("--guard-setting", action="append", default=[], metavar="GUARD.KEY=VALUE",
+                   help="a run-time setting written into the manifest instead of the guard config's (repeatable; "
+                        "VALUE is JSON or a word), e.g. safeguider.mode=search")
     b.add_argument("--exporter", choices=("dynamo", "legacy"), default=None)
     b.add_argument("--timing-cache", type=Path, default=None)
     b.add_argument("--config", type=Path, default=None, help="local diffusers folder for an original-layout checkpoint")
@@ -46,17 +53,47 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def guard_settings(items: list[str]) -> dict[str, dict]:
+    """``GUARD.KEY=VALUE`` strings -> ``{guard: {key: value}}`` (VALUE parsed as JSON, else kept as a word)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        target, eq, text = item.partition("=")
+        guard, dot, key = target.partition(".")
+        if not (eq and dot and guard and key):
+            raise BadInputError(f"--guard-setting {item!r}: write GUARD.KEY=VALUE, e.g. safeguider.mode=search")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out.setdefault(guard, {})[key] = value
+    return out
+
+
+def guard_weights(items: list[str]) -> dict[str, Path]:
+    """``GUARD=DIR`` strings -> ``{guard: folder}``."""
+    out = {}
+    for item in items:
+        guard, eq, folder = item.partition("=")
+        if not (eq and guard and folder):
+            raise BadInputError(f"--guard-weights {item!r}: write GUARD=DIR, e.g. safepatch=models/guards_renderer/"
+                                "tinyworld/safepatch")
+        out[guard] = Path(folder)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .build import BuildOptions, build
 
-    opts = BuildOptions(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
-                        height=args.height, width=args.width, batch=args.batch, dynamic_hw=args.dynamic_hw,
-                        profile=args.profile, guards=[g for g in args.guards.split(",") if g],
-                        guard_dir=args.guard_dir, exporter=args.exporter, timing_cache=args.timing_cache, config=args.config,
-                        family=args.family, checker=args.checker, checker_config=args.checker_config,
-                        idle_graph=args.idle_graph)
     try:
+        opts = BuildOptions(model=args.model, out=args.out, backend=args.backend, precision=args.precision,
+                            height=args.height, width=args.width, batch=args.batch, dynamic_hw=args.dynamic_hw,
+                            profile=args.profile, guards=[g for g in args.guards.split(",") if g],
+                            guard_dir=args.guard_dir, guard_settings=guard_settings(args.guard_setting),
+                            guard_weights=guard_weights(args.guard_weights),
+                            exporter=args.exporter, timing_cache=args.timing_cache, config=args.config,
+                            family=args.family, checker=args.checker, checker_config=args.checker_config,
+                            idle_graph=args.idle_graph)
         path = build(opts)
     except RuntimeToolError as e:
         print(f"error: {e}", file=sys.stderr)

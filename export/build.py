@@ -46,6 +46,8 @@ class BuildOptions:
                                           # "match" fits the backbone, else the family's
     guards: list[str] = field(default_factory=list)
     guard_dir: Path | None = None         # root of trained guard weights (default: models/guards)
+    guard_settings: dict = field(default_factory=dict)  # {guard: {key: value}}: run-time settings over its config
+    guard_weights: dict = field(default_factory=dict)   # {guard: folder}: weights from elsewhere than guard_dir
     exporter: str | None = None
     timing_cache: Path | None = None
     config: Path | None = None            # local diffusers folder for an original-layout checkpoint
@@ -166,7 +168,8 @@ def build(opts: BuildOptions) -> Path:
     exporter = opts.exporter or DEFAULT_EXPORTER
     from .guards import prepare as prepare_guards
 
-    guards = prepare_guards(opts.guards, backbone, opts.model, opts.guard_dir, image_hw=(height, width))
+    guards = prepare_guards(opts.guards, backbone, opts.model, opts.guard_dir, image_hw=(height, width),
+                            settings=opts.guard_settings, weights=opts.guard_weights)
     bar.update()
 
     out = Path(opts.out)

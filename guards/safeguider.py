@@ -10,6 +10,9 @@ the public code takes ``last_hidden_state[:, first EOS]`` too).
 How it enters the bundle (a text head of the text stage) is ``export/guards/safeguider.py``; the beam search
 that rewrites flagged prompts runs in the lean runtime (``runtime/guards/safeguider.py``) with the run-time
 settings of :class:`SafeGuiderConfig`. Weights folder: ``config.json`` + ``model.safetensors``.
+
+Beyond the paper: ``mode`` (rewrite flagged prompts, or only flag them so the latent / UNet guards of a stack
+remove on the original prompt) and ``on_no_qualifier`` (fail closed when the search finds no safe deletion).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class SafeGuiderConfig(GuardConfig):
     """Architecture (published) and the search's run-time settings (published: safeguider_gene.py)."""
 
     NAME = "safeguider"
-    RUNTIME_KEYS = ("threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "max_batch")
+    RUNTIME_KEYS = ("threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "max_batch", "mode",
+                    "on_no_qualifier")
 
     hidden_size: int                              # D: the text encoder's width
     hidden_dims: list = field(default_factory=lambda: [1024, 512])
@@ -43,6 +47,10 @@ class SafeGuiderConfig(GuardConfig):
     qualify_score: float = 0.95                   # a candidate qualifies at P(safe) >= this ...
     min_similarity: float = 0.1                   # ... and EOS cosine to the original >= this
     max_batch: int = 64                           # candidates per text-stage call (memory bound, not the method)
+    # "search": rewrite flagged prompts (published); "gate": flag only, the guards after it remove; "auto": the
+    # exporter picks gate when the bundle has a guard that acts on the flag, else search (export/guards/safeguider.py)
+    mode: str = "auto"
+    on_no_qualifier: str = "fallback"             # no qualifying deletion: "fallback" (published) | "block" (refuse)
 
 
 class SafeGuiderClassifier(nn.Module):

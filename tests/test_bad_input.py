@@ -163,6 +163,9 @@ CASES = [
                                                                         "upgrade the runtime"), plan="unknown_guard"),
     Case("image checker blocks the image", ["--checker", str(CHECKER), "--prompt", "a knife on sand", "--steps", "8"], 6,
          ("blocked image 0 of 1", "threshold 0.5", "no image was written")),
+    Case("SafeGuider refuses a prompt its search cannot fix (on_no_qualifier: block)",
+         ["--prompt", "a large red circle and a small knife on sand"], 6,
+         ("safeguider blocked the prompt", "no deletion that qualifies", "no image written"), plan="blocking"),
 ]
 
 
@@ -233,7 +236,7 @@ def nan_checker(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def variants(tinyworld_plan, tmp_path_factory) -> dict[str, Path]:
+def variants(tinyworld_plan, guarded_plan, tmp_path_factory) -> dict[str, Path]:
     import json
 
     from export.bundle import onnx_component
@@ -311,6 +314,8 @@ def variants(tinyworld_plan, tmp_path_factory) -> dict[str, Path]:
         m.guards = {"nsfw_filter": {"threshold": 0.5}}
 
     v["unknown_guard"] = rewrite(plan, d / "unknown_guard.plan", unknown)
+    v["blocking"] = rewrite(guarded_plan("safeguider"), d / "blocking.plan",  # as --guard-setting builds it
+                            lambda m, p: m.guards["safeguider"].update(on_no_qualifier="block"))
     return v
 
 
@@ -426,7 +431,8 @@ def _example(case: Case) -> str:
              "tampered_threshold": "checked.plan (manifest edited: threshold 2)",
              "tampered_classes": "checked.plan (manifest edited: unsafe_classes [])",
              "tampered_missing": "checked.plan (manifest edited: threshold removed)",
-             "unknown_guard": "x.plan (manifest names guard nsfw_filter)"}
+             "unknown_guard": "x.plan (manifest names guard nsfw_filter)",
+             "blocking": "safeguider_block.plan (--guard-setting safeguider.on_no_qualifier=block)"}
     parts = [f"--engine {shown[case.plan]}"] if case.plan != "good" else []
     names = {"{work}": "out", "{nan_checker}": "nan_checker.onnx", "{bad_config}": "bad.json", str(CHECKER):
              "checker.onnx", **{f"{{{k}}}": f"{k}.json" for k in ("bad_threshold", "no_classes", "with_component",

@@ -95,6 +95,11 @@ def _leftovers(folder, keep):
     (["--model", str(TINYWORLD), "--height", "60"], 3, "multiple of 8"),
     (["--model", str(TINYWORLD), "--backend", "tensorrt"], 5, "tensorrt"),
     (["--model", str(TINYWORLD), "--profile", "no-such-profile"], 3, "no-such-profile"),
+    (["--model", str(TINYWORLD), "--guards", "safeguider", "--guard-setting", "mode=search"], 3, "GUARD.KEY=VALUE"),
+    (["--model", str(TINYWORLD), "--guards", "safeguider", "--guard-setting", "safeguider.mode=gate"], 3,
+     "no guard of the bundle removes on its flag"),
+    (["--model", str(TINYWORLD), "--guards", "safeguider", "--guard-weights", "safepatch=models/x"], 3,
+     "not among --guards"),
 ])
 def test_failed_build_writes_nothing_and_keeps_the_old_bundle(tmp_path, args, code, needle):
     out = tmp_path / "model.plan"

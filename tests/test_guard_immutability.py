@@ -76,6 +76,8 @@ TAMPERED = [  # (guard, setting, value, words in the message)
     ("safectrl", "mask_threshold", float("inf"), "mask_threshold=inf"),
     ("safectrl", "ema_alpha", "0.3", "ema_alpha='0.3'"),
     ("safectrl", "enabled", False, "does not read: enabled"),  # a would-be off switch
+    ("safeguider", "mode", "off", "mode='off' must be one of search, gate"),
+    ("safeguider", "on_no_qualifier", "pass", "on_no_qualifier='pass' must be one of fallback, block"),
 ]
 
 

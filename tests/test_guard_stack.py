@@ -1,7 +1,12 @@
 """All four guards in one bundle (``--guards safeguider,saferedir,safepatch,safectrl``), through the lean runtime:
 benign prompts stay bit-identical to the unguarded bundle, every guard reports, and one Pipeline serves
-concurrent calls with the same results as sequential ones (guards keep per-call state in the context)."""
+concurrent calls with the same results as sequential ones (guards keep per-call state in the context).
 
+The stack's composition (issue 20): SafeGuider gates (``mode: gate``: a flagged prompt is never rewritten, its
+verdict goes to ``ctx.flags``), SafeRedir redirects a flagged prompt from its first check, SafePatch activates on
+the flag even when its own gate says none; ``mode: search`` keeps the published rewrite."""
+
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,11 +16,14 @@ import pytest
 from guards import GUARDS
 from runtime.pipeline import Pipeline
 
+from .test_bad_input import rewrite
+
 
 # a benign prompt no guard touches at seed 3. SafeCtrl (tau 0.07) blends on ~7% of benign images, red shapes
 # among them ("a large red circle on sand" reads 0.23): the bench's "identical" column reports that tax
 BENIGN = "a small purple heart and a large orange ring on grass"
 UNSAFE = "a large green ring and a large knife on grass"
+FLAGGED_ONLY = "bloodbath on grass"  # SafeGuider flags it, SafePatch's own gate stays off (0.15 < 0.9)
 SETTINGS = dict(steps=10, guidance=5.0)
 
 
@@ -39,8 +47,17 @@ def _strip_times(report):
     return report
 
 
+def with_settings(plan: Path, dest: Path, **settings: dict) -> Path:
+    """``plan`` with guard settings changed in its manifest, as ``export build --guard-setting`` writes them."""
+    def edit(m, payloads):
+        m.guards = {name: {**entry, **settings.get(name, {})} for name, entry in m.guards.items()}
+
+    return rewrite(plan, dest, edit)
+
+
 def test_stack_manifest_and_benign_prompt_is_untouched(stack, tinyworld_plan):
     assert list(stack.bundle.manifest.guards) == list(GUARDS)  # written in registry order (guards.GUARDS)
+    assert stack.bundle.manifest.guards["safeguider"]["mode"] == "gate"  # settled at export (mode: auto)
     assert stack.guard_names == list(GUARDS)  # run in the manifest's order: text guards first
     guarded = stack.generate(BENIGN, seed=3, **SETTINGS)
     with Pipeline.open(tinyworld_plan) as base:
@@ -53,15 +70,85 @@ def test_stack_manifest_and_benign_prompt_is_untouched(stack, tinyworld_plan):
     assert g["safectrl"]["triggered"] is False
 
 
-def test_stack_unsafe_prompt_engages_the_guards(stack):
+def test_gate_mode_keeps_the_prompt_and_forces_the_removers(stack):
     g = stack.generate(UNSAFE, seed=3, **SETTINGS).report["guards"]
-    assert g["safeguider"]["verdict"] == "unsafe" and "knife" in " ".join(g["safeguider"]["words_removed"])
     assert set(g) == set(GUARDS)
-    # the guards after SafeGuider judge the conditioning the UNet gets: SafePatch's gate is the rewritten
-    # prompt's, the same as when that prompt is given as it is
-    alone = stack.generate(g["safeguider"]["final_prompt"], seed=3, **SETTINGS).report["guards"]["safepatch"]
+    sg = g["safeguider"]
+    assert sg["verdict"] == "unsafe" and sg["action"] == "flagged"
+    assert sg["final_prompt"] == UNSAFE and sg["words_removed"] == [] and sg["text_calls"] == 0  # no search
+    # SafeRedir redirects from its first check (step 0), whatever its latent classifier reads
+    assert g["saferedir"]["forced_by"] == ["safeguider"] and g["saferedir"]["detection_step"] == 0
+    assert g["saferedir"]["triggered"] and g["saferedir"]["rows"][0]["detection_step"] == 0
+    # SafePatch's gate read the ORIGINAL prompt (it fires on the knife by itself: nothing to force)
+    original = stack.engines["text_encoder"].infer({"input_ids": stack.tokenizer([UNSAFE]).input_ids})
+    assert list(g["safepatch"]["gate"].values()) == pytest.approx(original["safepatch_gate"][0].tolist(), abs=1e-4)
+    assert g["safepatch"]["active"] and g["safepatch"]["forced_by"] == [] and g["safepatch"]["category"] == "weapon"
+    assert "forced_by" not in g["safectrl"]  # SafeCtrl keeps its own detector
+
+
+def test_a_flag_activates_the_patch_its_own_gate_passes(stack):
+    g = stack.generate(FLAGGED_ONLY, seed=3, **SETTINGS).report["guards"]
+    patch = g["safepatch"]
+    assert g["safeguider"]["action"] == "flagged" and patch["unsafe_score"] < patch["threshold"]
+    assert patch["active"] and patch["forced_by"] == ["safeguider"] and patch["steps_patched"] == SETTINGS["steps"]
+    gate = patch["gate"]
+    assert patch["category"] == max((c for c in gate if c != "none"), key=gate.get)  # its gate's likeliest category
+    assert g["saferedir"]["forced_by"] == ["safeguider"]
+
+
+def test_search_mode_stack_rewrites_as_published(stack_plan, tmp_path):
+    plan = with_settings(stack_plan, tmp_path / "search.plan", safeguider={"mode": "search"})
+    with Pipeline.open(plan) as pipe:
+        g = pipe.generate(UNSAFE, seed=3, **SETTINGS).report["guards"]
+        assert g["safeguider"]["action"] == "searched" and "knife" in " ".join(g["safeguider"]["words_removed"])
+        # the guards after SafeGuider judge the conditioning the UNet gets: SafePatch's gate is the rewritten
+        # prompt's, the same as when that prompt is given as it is; nothing is flagged
+        alone = pipe.generate(g["safeguider"]["final_prompt"], seed=3, **SETTINGS).report["guards"]["safepatch"]
     assert g["safepatch"]["gate"] == pytest.approx(alone["gate"], abs=1e-4)
     assert g["safepatch"]["active"] == alone["active"]
+    assert g["saferedir"]["forced_by"] == [] and g["safepatch"]["forced_by"] == []
+
+
+def test_stack_composition_is_settled_at_export():
+    """``mode: auto`` becomes gate where a guard of the bundle removes on the flag (SafeRedir, SafePatch), else
+    search, and a gate nobody acts on is refused; ``--guard-setting`` overrides run-time settings only, checked as
+    the runtime checks them; ``--guard-weights`` only names guards of the build."""
+    from export.__main__ import guard_settings, guard_weights
+    from export.guards import GuardParts, apply_settings, prepare, settle
+    from runtime.errors import BadInputError
+
+    def parts(*names, **settings):
+        made = {"safeguider": lambda: GuardParts(config={"mode": "auto", "on_no_qualifier": "fallback"}),
+                "saferedir": lambda: GuardParts(config={"threshold": 0.5}, acts_on_flags=True),
+                "safepatch": lambda: GuardParts(config={"threshold": 0.9}, acts_on_flags=True),
+                "safectrl": lambda: GuardParts(config={})}
+        out = {n: made[n]() for n in names}
+        apply_settings(out, settings)
+        settle(out)
+        return {n: p.config for n, p in out.items()}
+
+    assert parts("safeguider")["safeguider"]["mode"] == "search"
+    assert parts("safeguider", "safectrl")["safeguider"]["mode"] == "search"  # SafeCtrl keeps its detector
+    assert parts("safeguider", "saferedir")["safeguider"]["mode"] == "gate"
+    assert parts("safeguider", "safepatch")["safeguider"]["mode"] == "gate"
+    assert parts(*GUARDS)["safeguider"]["mode"] == "gate"
+    assert parts(*GUARDS, safeguider={"mode": "search"})["safeguider"]["mode"] == "search"
+    assert parts(*GUARDS, safeguider={"on_no_qualifier": "block"})["safeguider"]["on_no_qualifier"] == "block"
+    assert guard_settings(["safeguider.mode=search", "saferedir.threshold=0.3"]) == {
+        "safeguider": {"mode": "search"}, "saferedir": {"threshold": 0.3}}
+    for bad, words in (({"safeguider": {"mode": "off"}}, "must be one of search, gate"),
+                       ({"safeguider": {"enabled": False}}, "not a run-time setting of safeguider"),
+                       ({"saferedir": {"threshold": 2}}, "must be a number in [0, 1]"),
+                       ({"safepatch": {"threshold": 0.5}}, "safepatch is not among --guards")):
+        with pytest.raises(BadInputError, match=re.escape(words)):
+            parts("safeguider", "saferedir", **bad)
+    with pytest.raises(BadInputError, match="no guard of the bundle removes on its flag"):
+        parts("safeguider", "safectrl", safeguider={"mode": "gate"})  # a gate nobody acts on: refused
+    with pytest.raises(BadInputError, match="GUARD.KEY=VALUE"):
+        guard_settings(["mode=search"])
+    assert guard_weights(["safepatch=models/x"]) == {"safepatch": Path("models/x")}
+    with pytest.raises(BadInputError, match="--guard-weights safepatch: not among --guards safeguider"):
+        prepare(["safeguider"], None, Path("models/tinyworld"), weights={"safepatch": Path("models/x")})
 
 
 def test_idle_graph_runs_exactly_where_the_guards_are_idle(stack):

@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 COMMITTED = ROOT / "models" / "guards" / "tinyworld"
 
 MANIFEST_KEYS = {  # what the lean runtime reads, no more and no less (it has no defaults of its own)
-    "safeguider": {"threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "output", "max_batch"},
+    "safeguider": {"threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "output", "max_batch",
+                   "mode", "on_no_qualifier"},
     "saferedir": {"graph", "check_every", "first_check", "threshold", "alpha"},
     "safepatch": {"graph", "gate_output", "categories", "threshold", "instructions", "apply_uncond", "patch_params",
                   "unet_params"},
@@ -182,7 +183,8 @@ def test_prepare_writes_the_configs_run_time_settings(backbone):
     for name, part in parts.items():
         config = guards.load_config(name, COMMITTED / name)
         assert set(part.config) == MANIFEST_KEYS[name], name
-        assert {k: part.config[k] for k in config.RUNTIME_KEYS} == config.runtime()
+        settled = {"mode": "gate"} if name == "safeguider" else {}  # mode: auto, settled for the whole stack
+        assert {k: part.config[k] for k in config.RUNTIME_KEYS} == {**config.runtime(), **settled}
         if name != "safepatch":  # SafePatch's threshold is calibrated at training time (0.9 committed)
             defaults = {f.name: f.default for f in dataclasses.fields(type(config))
                         if f.default is not dataclasses.MISSING}

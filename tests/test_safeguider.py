@@ -147,9 +147,12 @@ def test_benign_prompt_is_bit_identical_to_unguarded(gpipe, tinyworld_plan):
 
 
 def test_unsafe_prompt_gets_words_removed(gpipe):
+    # a SafeGuider-only bundle searches as published (mode: auto -> search at export), with the fallback
+    assert {k: gpipe.bundle.manifest.guards["safeguider"][k] for k in ("mode", "on_no_qualifier")} == {
+        "mode": "search", "on_no_qualifier": "fallback"}
     r = gpipe.generate(UNSAFE, seed=0, steps=4, guidance=5.0)
     rep = r.report["guards"]["safeguider"]
-    assert rep["verdict"] == "unsafe" and "knife" in rep["words_removed"], rep
+    assert rep["verdict"] == "unsafe" and rep["action"] == "searched" and "knife" in rep["words_removed"], rep
     # qualified (safe >= 0.95) or, when nothing qualifies, the published fallback (safest similar candidate)
     assert rep["outcome"] in ("qualified", "fallback") and rep["final_score"] > 0.5 > rep["score"], rep
     assert rep["candidates_scored"] > 0 and rep["text_calls"] >= 1 and rep["time_ms"] > 0
@@ -195,6 +198,39 @@ def test_lean_matches_pytorch_reference(prompt, triggered, gpipe, torch_parts):
 
 
 # -- fail closed ------------------------------------------------------------------------------------------------------
+
+
+def _outcome(guard, gpipe, prompt: str) -> str:
+    out = gpipe.engines["text_encoder"].infer({"input_ids": gpipe.tokenizer([prompt]).input_ids})
+    return guard.search(prompt, float(out["safe_score"][0]), out["eos"][0])[0].outcome
+
+
+def test_block_mode_refuses_what_the_search_cannot_fix(safeguider_plan, guard, gpipe, tmp_path, capsys):
+    """``on_no_qualifier: block``: a flagged prompt whose search finds no qualifying deletion gets no image (exit
+    6, the report says why); one whose search qualifies is generated from its rewrite as before."""
+    import json
+
+    from runtime import cli
+
+    from .test_bad_input import rewrite
+
+    outcomes = {p: _outcome(guard, gpipe, p) for p in unsafe_prompts()[:40]}
+    stuck = next(p for p, o in outcomes.items() if o != "qualified")
+    fixed = next(p for p, o in outcomes.items() if o == "qualified")
+    plan = rewrite(safeguider_plan, tmp_path / "block.plan",
+                   lambda m, _: m.guards["safeguider"].update(on_no_qualifier="block"))
+    out, report = tmp_path / "o.png", tmp_path / "o.json"
+    code = cli.main(["generate", "--engine", str(plan), "--prompt", stuck, "--steps", "4", "--out", str(out),
+                     "--report", str(report)])
+    err = capsys.readouterr().err.strip()
+    assert code == 6 and "safeguider blocked the prompt" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    rep = json.loads(report.read_text())
+    assert rep["blocked"] is True and rep["outputs"] == []
+    guard_report = rep["guards"]["safeguider"]
+    assert guard_report["action"] == "blocked" and guard_report["outcome"] == outcomes[stuck]
+    with Pipeline.open(plan) as pipe:
+        assert pipe.generate(fixed, steps=4).report["guards"]["safeguider"]["outcome"] == "qualified"
 
 
 def test_bundle_without_safe_score_is_refused(tinyworld_plan, guard, tmp_path):

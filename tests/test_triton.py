@@ -225,7 +225,8 @@ def test_unsafe_prompt_comes_back_guarded(server, clients, api):
     unguarded, _ = infer(clients, "http", "tw", request)
     safeguider = reports[0]["guards"]["safeguider"]
     assert set(reports[0]["guards"]) == set(STACK)
-    assert safeguider["verdict"] == "unsafe" and "knife" in safeguider["words_removed"]
+    assert safeguider["verdict"] == "unsafe" and safeguider["action"] == "flagged"  # the stack gates (issue 20)
+    assert reports[0]["guards"]["saferedir"]["forced_by"] == ["safeguider"]
     assert not np.array_equal(guarded, unguarded)
     assert np.array_equal(guarded[0], api["stack"].generate(**request).images[0])
 

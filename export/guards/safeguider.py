@@ -2,7 +2,8 @@
 
 :class:`SafeGuiderHead` (a :class:`~export.graphs.TextHead`) adds the output ``safe_score (B,)`` =
 ``softmax(fc3(...))[:, 1]`` to the first text-stage graph, so the runtime's beam search scores a whole depth
-of candidate prompts with one text-stage call. The runtime half is ``runtime/guards/safeguider.py``.
+of candidate prompts with one text-stage call. The runtime half is ``runtime/guards/safeguider.py``. Its
+``mode`` is settled here (:func:`settle`): a SafeGuider-only bundle searches as published, a stack gates.
 
 SDXL (design choice, not implemented): ONE classifier over both encoders' EOS embeddings concatenated
 (``hidden_size = 768 + 1280``), since the two encoders see the same prompt and the pooled/EOS features of
@@ -51,3 +52,15 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
                             f"EOS embeddings but {backbone.source or 'the backbone'}'s text encoder is {width} wide: "
                             f"train it for this backbone (`python -m train safeguider --model ... --out {weights_dir}`)")
     return GuardParts(text_heads=[SafeGuiderHead(classifier)], config={**classifier.config.runtime(), "output": OUTPUT})
+
+
+def settle(own: GuardParts, bundle: dict[str, GuardParts]) -> None:
+    """``mode: auto`` -> ``gate`` when another guard of the bundle removes on the flag (the classifier gates and
+    scores, the latent / UNet guards remove on the original prompt: the scene is kept), else ``search``. A gate
+    that no guard acts on would remove nothing: refused."""
+    removers = any(parts.acts_on_flags for parts in bundle.values() if parts is not own)
+    if own.config["mode"] == "auto":
+        own.config["mode"] = "gate" if removers else "search"
+    if own.config["mode"] == "gate" and not removers:
+        raise BadInputError("--guard-setting safeguider.mode=gate: no guard of the bundle removes on its flag (add "
+                            "saferedir or safepatch to --guards), so a flagged prompt would be generated as it is")

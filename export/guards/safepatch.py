@@ -73,4 +73,5 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
 
     head = SafePatchGateHead(gate, config.gate_output, len(config.categories) + 1)
     manifest = {"graph": GRAPH, **config.runtime(), "patch_params": patch.num_parameters(), "unet_params": unet_params}
-    return GuardParts(text_heads=[head], residual_inputs=True, graphs=[graph], config=manifest, idle_graph=True)
+    return GuardParts(text_heads=[head], residual_inputs=True, graphs=[graph], config=manifest, idle_graph=True,
+                      acts_on_flags=True)

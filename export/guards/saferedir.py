@@ -68,4 +68,4 @@ def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None
                                exporter=common.get("exporter"), opset=common.get("opset"),
                                progress=common.get("progress"))
 
-    return GuardParts(graphs=[graph], config={"graph": GRAPH, **c.runtime()})
+    return GuardParts(graphs=[graph], config={"graph": GRAPH, **c.runtime()}, acts_on_flags=True)

@@ -33,6 +33,13 @@ Under ``Pipeline.run_many`` (requests sharing every UNet call, ``runtime/denoise
 context and its own calls of each hook, in this order; the ``x`` and ``outputs`` a step hook sees are that
 request's rows of the shared call only, so a guard never sees, nor needs to know of, another request.
 
+**Flags.** A guard that gates rather than removes (SafeGuider with ``mode: "gate"``) publishes its verdict on a
+prompt it judges unsafe in ``on_text`` as ``ctx.flags[name]`` (what it saw, JSON-able) and leaves the prompt as it
+is. The guards after it act on a flag with the ORIGINAL prompt, each in its own module: SafeRedir redirects the
+flagged rows from its first check, SafePatch activates even when its own gate says none (its category: the
+gate's most probable unsafe one), SafeCtrl keeps its own detector. Each report names the flagging guards that
+forced it (``forced_by``). A flag only ever adds work: no guard does less because of one.
+
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict); the pipeline adds ``time_ms``, the
 guard's time in all its hooks, measured in one place (:func:`run_hook`), and puts ``ctx.report`` into
 ``Result.report["guards"]``.
@@ -95,11 +102,17 @@ class GuardContext:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)  # per guard, per call: never on the guard
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per guard: seconds per STAGE_OF_HOOK
+    flags: dict[str, dict[str, Any]] = field(default_factory=dict)  # gate verdicts: guard -> what it saw (Flags)
 
     def state_of(self, guard: str) -> dict[str, Any]:
         """Guard ``guard``'s mutable state for this call. Guards keep per-call state here, not on ``self``: one
         pipeline (and its guard objects) may serve several ``generate`` calls at once."""
         return self.state.setdefault(guard, {})
+
+    @property
+    def flagged_by(self) -> list[str]:
+        """The guards that flagged this call's prompt (Flags in the module docstring), in the order they ran."""
+        return list(self.flags)
 
     @property
     def prompt_row(self) -> int:

@@ -33,8 +33,16 @@ The straightforward one-at-a-time re-implementation lives beside the latency com
 The final prompt's text-stage outputs (``hidden``, ``eos``, ``safe_score`` and any fused head such as
 SafePatch's gate) replace the prompt row of ``ctx.text``: the guards after this one see the conditioning the
 UNet will get. The unconditional row is untouched. ``ctx.report["safeguider"]``: score, verdict,
-words_removed, final_prompt, candidates_scored, depth, text_calls, time_ms (and the final score and similarity
-when searched).
+words_removed, final_prompt, candidates_scored, depth, text_calls, time_ms (and the final score, similarity and
+outcome when searched).
+
+Two manifest settings beyond the paper's (``guards/safeguider.py`` holds their defaults):
+
+- ``mode``: ``"search"`` is all of the above (SafeGuider-only bundles); ``"gate"`` scores only: a flagged prompt
+  is never rewritten, the verdict goes to ``ctx.flags["safeguider"]`` and the guards after this one remove on the
+  original prompt (``runtime/guards/__init__.py``, Flags; report ``action: "flagged"``).
+- ``on_no_qualifier``: a search with no qualifying deletion generates its fallback (``"fallback"``, published)
+  or refuses the image (``"block"``: :class:`~runtime.guards.ImageBlocked`, exit code 6, nothing written).
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.guards import Guard, GuardContext
-from runtime.guards.settings import count, label, signed_unit, unit
+from runtime.guards import Guard, GuardContext, ImageBlocked
+from runtime.guards.settings import count, label, one_of, signed_unit, unit
 
 ScoreBatch = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # prompts -> (safe (n,), eos (n, D))
 
@@ -148,7 +156,8 @@ class SafeGuider(Guard):
 
     name = "safeguider"
     SETTINGS = {"threshold": unit, "beam_width": count, "max_depth": count, "qualify_score": unit,
-                "min_similarity": signed_unit, "output": label, "max_batch": count}
+                "min_similarity": signed_unit, "output": label, "max_batch": count,
+                "mode": one_of("search", "gate"), "on_no_qualifier": one_of("fallback", "block")}
 
     def __init__(self, pipe, config, **kwargs):
         super().__init__(pipe, config, **kwargs)
@@ -211,23 +220,40 @@ class SafeGuider(Guard):
             raise KeyError(f"text stage gave no {self.output!r} output")
         score = float(ctx.text[self.output][row])
         report = {"score": round(score, 6), "threshold": float(self.config["threshold"])}
+        ctx.report[self.name] = report
         if score > float(self.config["threshold"]):  # published: argmax == safe class
             report.update(verdict="safe", words_removed=[], final_prompt=ctx.prompt, candidates_scored=0, depth=0,
                           text_calls=0)
+        elif self.config["mode"] == "gate":
+            self.flag(ctx, report, score)
         else:
-            result, final = self.search(ctx.prompt, score, ctx.text["eos"][row])
-            if result.prompt != ctx.prompt:
-                # every text-stage output of the prompt row, so the guards after this one (SafePatch's gate)
-                # judge the conditioning the UNet will get, not the prompt it replaced
-                for key in final:
-                    if key in ctx.text:
-                        ctx.text[key] = ctx.text[key].copy()
-                        ctx.text[key][row] = final[key]
-            report.update(verdict="unsafe", words_removed=result.words_removed, final_prompt=result.prompt,
-                          final_score=round(result.score, 6), similarity=round(result.similarity, 6),
-                          outcome=result.outcome, candidates_scored=result.candidates_scored, depth=result.depth,
-                          text_calls=result.text_calls)
-        ctx.report[self.name] = report
+            self.rewrite(ctx, report, score)
+
+    def flag(self, ctx: GuardContext, report: dict, score: float) -> None:
+        """Gate mode: the prompt stays as it is; the verdict is published for the guards after this one."""
+        ctx.flags[self.name] = {"score": round(score, 6), "threshold": float(self.config["threshold"])}
+        report.update(verdict="unsafe", action="flagged", words_removed=[], final_prompt=ctx.prompt,
+                      candidates_scored=0, depth=0, text_calls=0)
+
+    def rewrite(self, ctx: GuardContext, report: dict, score: float) -> None:
+        """Search mode: the prompt row becomes the search's final prompt (or the image is refused)."""
+        row = ctx.prompt_row
+        result, final = self.search(ctx.prompt, score, ctx.text["eos"][row])
+        report.update(verdict="unsafe", action="searched", words_removed=result.words_removed,
+                      final_prompt=result.prompt, final_score=round(result.score, 6),
+                      similarity=round(result.similarity, 6), outcome=result.outcome,
+                      candidates_scored=result.candidates_scored, depth=result.depth, text_calls=result.text_calls)
+        if result.outcome != "qualified" and self.config["on_no_qualifier"] == "block":
+            report["action"] = "blocked"
+            raise ImageBlocked(f"{self.pipe.bundle.path.name}:{self.name} blocked the prompt: its search found no "
+                               f"deletion that qualifies (safe >= {self.config['qualify_score']}): no image written")
+        if result.prompt != ctx.prompt:
+            # every text-stage output of the prompt row, so the guards after this one (SafePatch's gate)
+            # judge the conditioning the UNet will get, not the prompt it replaced
+            for key in final:
+                if key in ctx.text:
+                    ctx.text[key] = ctx.text[key].copy()
+                    ctx.text[key][row] = final[key]
 
     def parts(self) -> set[str]:
         return {self.output}
@@ -235,6 +261,10 @@ class SafeGuider(Guard):
     def summary(self, report: dict) -> str:
         if report.get("verdict") == "safe":
             return f"prompt passed (safe score {report['score']:.2f} > {report['threshold']})"
+        if report.get("action") == "flagged":
+            return f"prompt flagged (safe score {report['score']:.2f}): kept as written, the guards after it remove"
+        if report.get("action") == "blocked":
+            return f"prompt flagged (safe score {report['score']:.2f}): no qualifying deletion, image refused"
         return (f"prompt flagged (safe score {report['score']:.2f}): removed {' '.join(report['words_removed']) or '-'}"
                 f" -> \"{report['final_prompt']}\" ({report['outcome']})")
 

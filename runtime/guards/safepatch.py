@@ -6,9 +6,10 @@ probabilities over ``("none", *categories)``); the denoise graph has ControlNet-
 (``sample, timestep, encoder_hidden_states, instruction`` -> the residuals). Manifest entry: ``graph``,
 ``gate_output``, ``categories``, ``threshold``, ``instructions`` (category -> text), ``apply_uncond``.
 
-- ``on_text``: reads the gate for the prompt row. Active when ``1 - p(none) >= threshold``; the category is
-  the most probable unsafe one, the instruction its text, encoded once per category with the bundle's own
-  text encoder and tokenizer (cached on the guard: identical for every call).
+- ``on_text``: reads the gate for the prompt row. Active when ``1 - p(none) >= threshold``, or when an earlier
+  guard flagged the prompt (``ctx.flags``, e.g. SafeGuider in gate mode: the words that fool one text head can
+  fool the other); the category is the most probable unsafe one, the instruction its text, encoded once per
+  category with the bundle's own text encoder and tokenizer (cached on the guard: identical for every call).
 - ``prepare_steps``: gated off -> zero residuals (allocated once per shape, shared, never written) join the
   call's constant feeds ``ctx.feeds`` and the step hooks are not called: the patch graph never runs on benign
   prompts and the guard has no per-step host work.
@@ -17,7 +18,8 @@ probabilities over ``("none", *categories)``); the denoise graph has ControlNet-
   extrapolates from the unpatched unconditional prediction towards the patched conditional one, which is what
   the patch was trained for); ``apply_uncond: true`` runs it on the whole CFG batch with the same instruction.
 
-Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched.
+Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched,
+forced_by (the flagging guards when the gate alone would have stayed off, else []).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class SafePatch(Guard):
     def on_text(self, ctx: GuardContext) -> None:
         probs = np.asarray(ctx.text[self.gate_output][ctx.prompt_row], dtype=np.float64)
         score = float(1.0 - probs[0])
-        active = score >= self.threshold
+        forced_by = ctx.flagged_by if score < self.threshold else []
+        active = score >= self.threshold or bool(forced_by)
         category = self.categories[int(np.argmax(probs[1:]))] if active else None
         instruction = self.instructions[category] if active else None
         state = {"active": active, "instruction_embedding": self.instruction_embedding(instruction) if active else None}
@@ -107,7 +110,7 @@ class SafePatch(Guard):
         ctx.report[self.name] = {"active": active, "category": category, "instruction": instruction,
                                  "unsafe_score": round(score, 6), "threshold": self.threshold,
                                  "gate": {c: round(float(p), 6) for c, p in zip(["none", *self.categories], probs)},
-                                 "apply_uncond": self.apply_uncond, "steps_patched": 0}
+                                 "apply_uncond": self.apply_uncond, "steps_patched": 0, "forced_by": forced_by}
 
     def prepare_steps(self, ctx: GuardContext, latent_shape: tuple[int, ...]) -> bool:
         if ctx.state_of(self.name)["active"]:
@@ -147,6 +150,10 @@ class SafePatch(Guard):
         return {self.graph, self.gate_output, *(t.name for t in self.residuals)}
 
     def summary(self, report: dict) -> str:
+        if report.get("forced_by"):
+            return (f"activated by {', '.join(report['forced_by'])} ({report['category']}; own gate "
+                    f"{report['unsafe_score']:.2f}): patch \"{report['instruction']}\" on {report['steps_patched']} "
+                    "steps")
         if report.get("active"):
             return (f"gate fired ({report['category']}, {report['unsafe_score']:.2f}): patch \"{report['instruction']}\" "
                     f"on {report['steps_patched']} steps")

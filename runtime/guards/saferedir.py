@@ -14,10 +14,16 @@ Per image of the batch (rows of the conditional half), independently:
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
-``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None) and per row
-``rows[i] = {triggered, detection_step, checks: [{step, t, unsafe_prob, logits}], mask, scale}`` (mask and
-scale per token at detection, rounded), ``checks`` (graph calls). A NaN/Inf graph output is a
-GuardError (fail closed, no image).
+- a prompt an earlier guard flagged (``ctx.flags``, e.g. SafeGuider in gate mode) fires every row at its
+  first check whatever the classifier says: the latent classifier can be fooled by the same words that the
+  flagging guard caught, and redirecting a flagged prompt early keeps the scene (its own check still runs
+  and is reported).
+
+``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None), ``forced_by`` (the
+flagging guards, [] when none) and per row ``rows[i] = {triggered, forced, detection_step, checks: [{step, t,
+unsafe_prob, logits}], mask, scale}`` (``forced``: fired by the flag while the classifier was below the
+threshold; mask and scale per token at detection, rounded), ``checks`` (graph calls). A NaN/Inf graph output
+is a GuardError (fail closed, no image).
 """
 
 from __future__ import annotations
@@ -50,9 +56,9 @@ class SafeRedir(Guard):
                                   "... --guards saferedir`")
 
     def on_text(self, ctx: GuardContext) -> None:
-        ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0,
+        ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0, "forced_by": ctx.flagged_by,
                                  "threshold": self.threshold, "check_every": self.check_every,
-                                 "rows": [{"triggered": False, "detection_step": None, "checks": [],
+                                 "rows": [{"triggered": False, "forced": False, "detection_step": None, "checks": [],
                                            "mask": None, "scale": None} for _ in range(ctx.batch)]}
         st = ctx.state_of(self.name)
         st["redirected"] = None   # (batch, L, D) conditional rows to feed, once any fired
@@ -87,8 +93,9 @@ class SafeRedir(Guard):
             row = rep["rows"][r]
             row["checks"].append({"step": int(i), "t": float(t), "unsafe_prob": round(float(probs[r]), 5),
                                   "logits": [round(float(v), 4) for v in out["logits"][r]]})
-            if probs[r] >= self.threshold:
+            if probs[r] >= self.threshold or ctx.flags:  # a flagged prompt fires at once (module docstring)
                 st["fired"][r] = True
+                row["forced"] = bool(probs[r] < self.threshold)
                 if st["redirected"] is None:
                     st["redirected"] = np.array(cond, dtype=np.float32, copy=True)
                 st["redirected"][r] = out["redirected"][r]
@@ -102,6 +109,9 @@ class SafeRedir(Guard):
         return {self.graph}
 
     def summary(self, report: dict) -> str:
+        if report.get("forced_by"):
+            return (f"prompt flagged by {', '.join(report['forced_by'])}: prompt embedding redirected from step "
+                    f"{report['detection_step']}")
         if report.get("triggered"):
             prob = max(c["unsafe_prob"] for row in report["rows"] for c in row["checks"])
             return f"latent judged unsafe (p {prob:.2f}) at step {report['detection_step']}: prompt embedding redirected"

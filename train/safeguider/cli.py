@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deletions", type=int, default=3,
                    help="tinyworld: word-deleted variants per training caption, labelled by what is left (default "
                         "%(default)s; 0 = only full captions)")
+    p.add_argument("--adversarial", type=int, default=0,
+                   help="tinyworld: attack-style variants per unsafe training caption (misspellings, splits, "
+                        "fragments, reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = "
+                        "none)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -30,13 +34,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
 
 
+def augment(captions: list, val_rows: list, args, backbone) -> tuple[list, int, int, dict]:
+    """tinyworld: the training captions with their word-deletion and attack-style variants (none of them a
+    validation caption); the counts of each, and the held-out sets to check at the end (``val_adversarial``)."""
+    from .adversarial import adversarial_variants
+    from .data import deletion_variants
+
+    val_words = {p for p, _ in val_rows}
+    deleted = [r for r in deletion_variants(captions, args.deletions, args.seed) if r[0] not in val_words
+               ] if args.deletions > 0 else []
+    rows, checks, attacked = captions + deleted, {}, []
+    if args.adversarial > 0:
+        vocab = list(backbone.pipeline.tokenizer.get_vocab())
+        seen = {p for p, _ in rows} | val_words
+        attacked = [r for r in adversarial_variants(captions, args.adversarial, args.seed, vocab=vocab)
+                    if r[0] not in seen]
+        # the held-out captions' own variants: how the classifier reads attack-style edits it never saw
+        checks["val_adversarial"] = adversarial_variants(val_rows, args.adversarial, args.seed + 1, vocab=vocab)
+    return rows + attacked, len(deleted), len(attacked), checks
+
+
 def main(args) -> int:
     import torch
 
     from export.families import BackboneError, load_backbone
     from train.loop import setup
 
-    from .data import csv_prompts, deletion_variants, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
+    from .data import csv_prompts, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
     from .train import fit
 
     accelerator = setup(args.seed, threads=1)
@@ -54,13 +78,10 @@ def main(args) -> int:
         rows, source = i2p_coco_prompts(args.i2p, args.coco, seed=args.seed), f"{args.i2p} + {args.coco}"
     else:
         rows, source = tinyworld_prompts(args.prompts, args.seed), "tinyworld guard split"
-    train_rows, val_rows = split(rows, args.val_fraction, args.seed)
-    augmented = 0
-    if source == "tinyworld guard split" and args.deletions > 0:
-        extra = deletion_variants(train_rows, args.deletions, args.seed)
-        val_words = {p for p, _ in val_rows}
-        extra = [r for r in extra if r[0] not in val_words]
-        train_rows, augmented = train_rows + extra, len(extra)
+    captions, val_rows = split(rows, args.val_fraction, args.seed)
+    train_rows, augmented, adversarial, checks = list(captions), 0, 0, {}
+    if source == "tinyworld guard split":
+        train_rows, augmented, adversarial, checks = augment(captions, val_rows, args, backbone)
 
     def tensors(rs):
         x = eos_embeddings(backbone, [p for p, _ in rs])
@@ -70,9 +91,11 @@ def main(args) -> int:
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows), "val_prompts": len(val_rows),
             "unsafe_prompts": sum(1 for _, label in rows if label == 0), "seed": args.seed,
-            "deletion_variants": augmented}
+            "deletion_variants": augmented, "adversarial_variants": adversarial}
     log = fit(accelerator, tx, ty, vx, vy, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-              momentum=args.momentum, seed=args.seed, resume=args.resume, meta=meta)
+              momentum=args.momentum, seed=args.seed, resume=args.resume, meta=meta,
+              checks={name: tensors(rs) for name, rs in checks.items()})
     print(f"safeguider: train acc {log['train'].get('accuracy', 0):.4f}, val acc {log['val'].get('accuracy', 0):.4f} "
-          f"({len(val_rows)} held-out prompts) -> {args.out}")
+          f"({len(val_rows)} held-out prompts)" + "".join(f", {name} acc {log[name].get('accuracy', 0):.4f}"
+                                                          for name in checks) + f" -> {args.out}")
     return 0

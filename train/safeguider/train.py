@@ -37,8 +37,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def fit(accelerator, train_x, train_y, val_x, val_y, out: Path, *, epochs: int = 50, batch_size: int = 32,
-        lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, resume: bool = False, meta: dict | None = None) -> dict:
-    """``accelerator``: from :func:`train.loop.setup` (which seeded the process before the model is made)."""
+        lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, resume: bool = False, meta: dict | None = None,
+        checks: dict | None = None) -> dict:
+    """``accelerator``: from :func:`train.loop.setup` (which seeded the process before the model is made).
+    ``checks``: more held-out sets ``{name: (x, y)}``, evaluated once at the end into the log."""
     out = Path(out)
     ckpt = out / "checkpoint.pt"
     model = SafeGuiderClassifier(SafeGuiderConfig(hidden_size=train_x.shape[1]))
@@ -75,7 +77,8 @@ def fit(accelerator, train_x, train_y, val_x, val_y, out: Path, *, epochs: int =
     log = {"recipe": {"optimizer": "SGD", "lr": lr, "momentum": momentum, "batch_size": batch_size,
                       "epochs": epochs, "loss": "cross_entropy", "processes": accelerator.num_processes},
            **(meta or {}), "seconds": round(time.perf_counter() - t0, 2),
-           "train": evaluate(model, train_x, train_y), "val": evaluate(model, val_x, val_y), "history": history}
+           "train": evaluate(model, train_x, train_y), "val": evaluate(model, val_x, val_y),
+           **{name: evaluate(model, x, y) for name, (x, y) in (checks or {}).items()}, "history": history}
     if accelerator.is_main_process:
         model.save_pretrained(out)
         (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
