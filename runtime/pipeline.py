@@ -306,8 +306,12 @@ class Pipeline:
         t0 = time.perf_counter()
         ctx.text = self._encode_text(encs, cfg, s.negative_prompt)
         ms["text_encoder"] = _ms(t0)
-        for guard in self.guards:
-            run_hook(guard, "on_text", ctx)
+        try:
+            for guard in self.guards:
+                run_hook(guard, "on_text", ctx)
+        except ImageBlocked as e:  # a text guard refused the prompt: the CLI writes what the guards saw
+            e.guard_report = self._guard_report(ctx, ms)
+            raise
         ctx.feeds = self._conditioning(ctx.text, s.batch, s.height, s.width)
         return _Call(s, ctx, encs, ms, t_start)
 
