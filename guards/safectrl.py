@@ -61,7 +61,7 @@ class SafeCtrlConfig(GuardConfig):
 
     NAME = "safectrl"
     RUNTIME_KEYS = ("ema_alpha", "start_step_fraction", "mask_threshold", "mask_gain", "coverage_threshold",
-                    "blend_uncond", "latch_threshold", "categories")
+                    "blend_uncond", "latch_threshold", "mask_dilate", "categories")
 
     categories: list = field(default_factory=lambda: list(CATEGORIES))
     tokens_per_category: int = 2
@@ -75,6 +75,7 @@ class SafeCtrlConfig(GuardConfig):
     coverage_threshold: float = 0.5     # the report's coverage: share of pixels above it
     blend_uncond: bool = False          # CFG: the unconditional row stays the plain UNet (suppression x guidance)
     latch_threshold: float | None = 0.5  # run-time hysteresis: a pixel that reached it keeps blending (None: off)
+    mask_dilate: int = 0                # blend spread by a (2r+1)^2 max filter in latent pixels (thin objects)
     blend_layers: list = field(default_factory=list)  # attn2 processor names with W_K'/W_V' ([]: every attn2)
 
 
@@ -357,6 +358,9 @@ class SafeCtrl(nn.Module):
         """``active * min(1, gain * hard_threshold(mask_prev, tau))``: exactly 0 below tau. The graph's
         ``safectrl_blend`` input; the runtime computes it in numpy with the same float32 operations."""
         tau = float(self.config.mask_threshold)
+        r = int(self.config.mask_dilate)
+        if r:  # max filter, zero padding: below tau everywhere stays below tau everywhere
+            mask_prev = F.max_pool2d(mask_prev, 2 * r + 1, stride=1, padding=r)
         kept = torch.where(mask_prev >= tau, mask_prev, 0.0)
         gain = float(self.config.mask_gain)
         if gain != 1.0:

@@ -373,16 +373,22 @@ def test_after_step_runs_before_the_next_call_and_before_decoding(plan):
     assert fed_max[0] == 0.0 and fed_max[1:] == pytest.approx(report["max_mask"][:-1], abs=1e-4)
 
 
-def test_host_blend_weight_is_the_methods_blend_weight(plan):
+@pytest.mark.parametrize("dilate", [0, 1])
+def test_host_blend_weight_is_the_methods_blend_weight(plan, dilate, tmp_path):
     """The runtime feeds ``safectrl_blend`` made on the host: bit-identical to ``SafeCtrl.blend_weight`` (the
-    PyTorch definition, active from the start step) of the mask it feeds alongside, all zeros exactly at the
-    steps that do not blend (those that may run ``denoise_idle``); a bundle whose settings still name
-    ``safectrl_active`` (the older contract) is refused."""
+    PyTorch definition, active from the start step, with the bundle's ``mask_dilate``) of the mask it feeds
+    alongside, all zeros exactly at the steps that do not blend (those that may run ``denoise_idle``); a bundle
+    whose settings still name ``safectrl_active`` (the older contract) is refused."""
     from guards.safectrl import SafeCtrl as SafeCtrlModule, SafeCtrlConfig
     from runtime.errors import BundleError
     from runtime.guards.safectrl import SafeCtrl
     from runtime.pipeline import Pipeline
 
+    from .test_bad_input import rewrite
+
+    if dilate:
+        plan = rewrite(plan, tmp_path / "dilated.plan",
+                       lambda m, _: m.guards["safectrl"].update(mask_dilate=dilate))
     pipe = Pipeline.open(plan)
     guard = next(g for g in pipe.guards if g.name == "safectrl")
     fed = []
@@ -395,7 +401,7 @@ def test_host_blend_weight_is_the_methods_blend_weight(plan):
     steps = 10
     r = pipe.generate(UNSAFE, seed=0, steps=steps)
     module = SafeCtrlModule(SafeCtrlConfig(mask_threshold=guard.config["mask_threshold"],
-                                           mask_gain=guard.config["mask_gain"]))
+                                           mask_gain=guard.config["mask_gain"], mask_dilate=dilate))
     start = guard.start_step(steps)
     for i, f in enumerate(fed):
         want = module.blend_weight(torch.from_numpy(f["safectrl_mask_prev"]), torch.tensor([float(i >= start)]))
@@ -403,9 +409,24 @@ def test_host_blend_weight_is_the_methods_blend_weight(plan):
     zero = [i for i, f in enumerate(fed) if not f["safectrl_blend"].any()]
     assert 0 < len(zero) < steps  # it blends, and before the start step it does not
     assert r.report["guards"]["safectrl"]["blending_steps"] == [i for i in range(steps) if i not in zero]
+    if dilate:  # the blend covers more than the threshold of the undilated mask alone
+        assert any((f["safectrl_blend"] > 0).sum() > (f["safectrl_mask_prev"] >= guard.config["mask_threshold"]).sum()
+                   for f in fed)
     with pytest.raises(BundleError, match="lacks setting.s. blend_input.*rebuild"):
         SafeCtrl(pipe, {**{k: v for k, v in guard.config.items() if k != "blend_input"},
                         "active_input": "safectrl_active"}, source="bundle")
 
 
 # ---- the default path: a data folder of `python -m train data` (issue 17) ------------------------------------------
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_host_dilate_is_torch_max_pool(r):
+    """The runtime's numpy max filter equals torch's max_pool2d (stride 1, zero padding r) on masks >= 0."""
+    import torch.nn.functional as F
+
+    from runtime.guards.safectrl import dilate
+
+    m = np.random.default_rng(r).random((3, 1, 9, 7)).astype(np.float32) ** 4
+    want = F.max_pool2d(torch.from_numpy(m), 2 * r + 1, stride=1, padding=r).numpy()
+    assert np.array_equal(dilate(m, r), want)

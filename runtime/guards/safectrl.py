@@ -14,7 +14,9 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   ``mask_threshold`` somewhere, else all zeros: the same float32 operations as
   ``SafeCtrl.blend_weight`` of the torch module, on the host (five graph nodes fewer per step; and all zeros
   lets the pipeline run the bundle's idle denoise graph where it has one, ``export/idle.py``). The graph
-  blends with it and outputs ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``.
+  blends with it and outputs ``ema_alpha * mask_prev + (1 - ema_alpha) * M_t``. With ``mask_dilate`` r > 0
+  the blend is made from the fed mask's (2r+1)^2 max filter (the state stays undilated): a thin object's mask
+  peaks on a few pixels and the blend must cover the whole object; below tau everywhere stays all zeros.
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place), with
   hysteresis when ``latch_threshold`` is set: from the active steps on, a pixel whose smoothed mask reached it
   keeps at least its highest such value, so suppression stays on where the object was once it has faded it
@@ -35,13 +37,14 @@ import math
 import numpy as np
 
 from runtime.guards import Guard, GuardContext
-from runtime.guards.settings import flag, label, labels, optional, positive, unit
+from runtime.guards.settings import flag, index, label, labels, optional, positive, unit
 
 
 class SafeCtrl(Guard):
     name = "safectrl"
     SETTINGS = {"ema_alpha": unit, "start_step_fraction": unit, "mask_threshold": unit, "mask_gain": positive,
                 "coverage_threshold": unit, "blend_uncond": flag, "latch_threshold": optional(unit),
+                "mask_dilate": index,
                 "state_input": label, "state_output": label, "blend_input": label, "categories": labels}
 
     def __init__(self, pipe, config, **kwargs):
@@ -67,7 +70,7 @@ class SafeCtrl(Guard):
             rows=ctx.cond_rows if ctx.cfg else slice(None), report_rows=slice(None) if ctx.cfg else ctx.cond_rows,
             uncond=ctx.batch if ctx.cfg and self.config["blend_uncond"] else 0,
             start=start, tau=np.float32(self.config["mask_threshold"]), gain=np.float32(self.config["mask_gain"]),
-            latch=None if latch is None else np.float32(latch),
+            latch=None if latch is None else np.float32(latch), dilate=int(self.config["mask_dilate"]),
             latch_from=start - 1)  # the call whose output the first active step is fed
         ctx.report[self.name] = {"active_from_step": start, "active_steps": [], "blending_steps": [], "coverage": [],
                                  "max_mask": [], "triggered": False}
@@ -91,12 +94,13 @@ class SafeCtrl(Guard):
             # blend_weight's float32 operations in the order min(m * gain, 1) * (m >= tau): the same values,
             # since m >= 0 makes both +0 below tau
             blend = st["blend"]
+            src = dilate(feed, st["dilate"]) if st["dilate"] else feed  # the state fed stays undilated
             if st["gain"] != 1:
-                np.multiply(feed, st["gain"], out=blend)
+                np.multiply(src, st["gain"], out=blend)
                 np.minimum(blend, np.float32(1), out=blend)
-                blend *= feed >= st["tau"]
+                blend *= src >= st["tau"]
             else:
-                np.multiply(feed, feed >= st["tau"], out=blend)
+                np.multiply(src, src >= st["tau"], out=blend)
         else:  # all zeros: the graph's blend weight is 0, and the pipeline may run denoise_idle
             blend = st["no_blend"]
         return {self.config["state_input"]: feed, self.config["blend_input"]: blend}
@@ -142,3 +146,15 @@ class SafeCtrl(Guard):
 
 
 HOST = SafeCtrl
+
+
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """(N, 1, h, w) max filter over a (2r+1)^2 window, zero padding: torch's max_pool2d(k=2r+1, stride 1, pad r)
+    for masks >= 0 (guards.safectrl.SafeCtrl.blend_weight)."""
+    h, w = mask.shape[-2:]
+    padded = np.pad(mask, ((0, 0), (0, 0), (r, r), (r, r)))
+    out = mask.copy()
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            np.maximum(out, padded[..., dy:dy + h, dx:dx + w], out=out)
+    return out

@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "start_step_fraction": "suppression from step ceil(F * steps)",
         "mask_threshold": "tau of the hard threshold",
         "mask_gain": "blend weight min(1, gain * M_bar) above tau",
-        "latch_threshold": "hysteresis: pixels whose smoothed mask reached it keep blending"})
+        "latch_threshold": "hysteresis: pixels whose smoothed mask reached it keep blending",
+        "mask_dilate": "blend from the mask's (2r+1)^2 max filter, r latent pixels (thin objects)"})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -343,7 +343,7 @@ def run(args) -> dict:
         detect = next(n for n in unet.attn_processors if ".attn2." in n)
     attn = modules[detect.rsplit(".processor", 1)[0]]
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
-              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold,
+              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold, "mask_dilate": args.mask_dilate,
               "blend_layers": blend_layers(unet, args.blend_layers),
               "detect_layer": detect, "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
     if categories is not None:
@@ -436,7 +436,8 @@ def run(args) -> dict:
         if args.stage2_mask == "derived":
             blend = pairs["mask_derived"]
         else:
-            mask_path = wdir / f"stage2_masks-{_hash(safectrl.uab)}.pt"
+            dil = f"-d{safectrl.config.mask_dilate}" if safectrl.config.mask_dilate else ""
+            mask_path = wdir / f"stage2_masks-{_hash(safectrl.uab)}{dil}.pt"
             if mask_path.is_file():
                 blend = torch.load(mask_path, weights_only=False)
             else:
