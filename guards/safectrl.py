@@ -75,7 +75,7 @@ class SafeCtrlConfig(GuardConfig):
     coverage_threshold: float = 0.5     # the report's coverage: share of pixels above it
     blend_uncond: bool = False          # CFG: the unconditional row stays the plain UNet (suppression x guidance)
     latch_threshold: float | None = 0.5  # run-time hysteresis: a pixel that reached it keeps blending (None: off)
-    mask_dilate: int = 0                # blend spread by a (2r+1)^2 max filter in latent pixels (thin objects)
+    mask_dilate: int = 1                # blend from a (2r+1)^2 max filter of the mask: thin objects (knives)
     blend_layers: list = field(default_factory=list)  # attn2 processor names with W_K'/W_V' ([]: every attn2)
 
 
@@ -354,11 +354,12 @@ class SafeCtrl(nn.Module):
             mask = F.interpolate(mask, size=tuple(latent_hw), mode="bilinear", align_corners=False)
         return class_probs, mask.clamp(0.0, float(scale))
 
-    def blend_weight(self, mask_prev: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """``active * min(1, gain * hard_threshold(mask_prev, tau))``: exactly 0 below tau. The graph's
-        ``safectrl_blend`` input; the runtime computes it in numpy with the same float32 operations."""
+    def blend_weight(self, mask_prev: torch.Tensor, active: torch.Tensor, dilate: int | None = None) -> torch.Tensor:
+        """``active * min(1, gain * hard_threshold(max_filter(mask_prev), tau))``: exactly 0 below tau. The graph's
+        ``safectrl_blend`` input; the runtime computes it in numpy with the same float32 operations. ``dilate``:
+        the max filter's radius (None: the config's ``mask_dilate``)."""
         tau = float(self.config.mask_threshold)
-        r = int(self.config.mask_dilate)
+        r = int(self.config.mask_dilate if dilate is None else dilate)
         if r:  # max filter, zero padding: below tau everywhere stays below tau everywhere
             mask_prev = F.max_pool2d(mask_prev, 2 * r + 1, stride=1, padding=r)
         kept = torch.where(mask_prev >= tau, mask_prev, 0.0)

@@ -134,7 +134,9 @@ def detector_blend(unet, safectrl, scheduler, lat_l, emb, ts=(200, 400, 600), se
     # active steps, thresholded and gained), not on an exact or derived region the runtime never sees
     g = torch.Generator().manual_seed(seed)
     mean = torch.stack([_latent_masks(unet, safectrl, scheduler, lat_l, emb, t, g) for t in ts]).mean(0)
-    return safectrl.blend_weight(mean, torch.ones(1))
+    # undilated: trained on dilated blends the block removed no more knives and kept fewer scenes (dev, quick;
+    # bench/results/prompt_only_issue17.md); the dilation is a run-time margin over the detector's thin masks
+    return safectrl.blend_weight(mean, torch.ones(1), dilate=0)
 
 
 @torch.no_grad()
@@ -436,8 +438,7 @@ def run(args) -> dict:
         if args.stage2_mask == "derived":
             blend = pairs["mask_derived"]
         else:
-            dil = f"-d{safectrl.config.mask_dilate}" if safectrl.config.mask_dilate else ""
-            mask_path = wdir / f"stage2_masks-{_hash(safectrl.uab)}{dil}.pt"
+            mask_path = wdir / f"stage2_masks-{_hash(safectrl.uab)}.pt"
             if mask_path.is_file():
                 blend = torch.load(mask_path, weights_only=False)
             else:
