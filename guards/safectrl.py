@@ -75,7 +75,8 @@ class SafeCtrlConfig(GuardConfig):
     coverage_threshold: float = 0.5     # the report's coverage: share of pixels above it
     blend_uncond: bool = False          # CFG: the unconditional row stays the plain UNet (suppression x guidance)
     latch_threshold: float | None = 0.5  # run-time hysteresis: a pixel that reached it keeps blending (None: off)
-    mask_dilate: int = 1                # blend from a (2r+1)^2 max filter of the mask: thin objects (knives)
+    mask_dilate: int = 1                # blend from a (2r+1)^2 max filter of the mask: thin objects (knives);
+                                        # the prompt-only recipe's dev choice (renderer-trained weights: 0)
     blend_layers: list = field(default_factory=list)  # attn2 processor names with W_K'/W_V' ([]: every attn2)
 
 
