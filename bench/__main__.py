@@ -14,6 +14,7 @@
     python -m bench compare --before bench/results/before_dev_test   # old vs new results, per guard
     python -m bench serve --engine engines/tinyworld_stack.plan [--requests 200] [--concurrency 8] \
         [--protocol http|grpc] --out bench/results/serve.json   # Triton load test vs the single-process API
+    python -m bench gpu-overhead --out bench/results/gpu_guard_overhead.json   # each guard vs the UNet, fp16 + CUDA graphs
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from bench import adaptive_bench, compare, latency, safety, search, serve, training_cost
+    from bench import adaptive_bench, compare, gpu_guard_overhead, latency, safety, search, serve, training_cost
 
     latency.add_parser(sub)
     safety.add_parser(sub)
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     training_cost.add_parser(sub)
     serve.add_parser(sub)
     adaptive_bench.add_parser(sub)
+    gpu_guard_overhead.add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

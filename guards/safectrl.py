@@ -84,6 +84,21 @@ def _safe_name(layer: str) -> str:
     return layer.replace(".", "__")
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(rows: list, like: torch.Tensor) -> torch.Tensor:
+    """A small constant matrix on ``like``'s device and dtype. Eager: made once per value and device and reused,
+    so a CUDA graph captured after a warm-up call copies nothing from the host (bench/gpu_guard_overhead.py);
+    while exporting: made in place, a plain graph constant."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return torch.tensor(rows, dtype=like.dtype, device=like.device)
+    key = (str(rows), like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
 class SafeCtrlState:
     """Per-forward scratch shared by the extension and the processors (plain Python, traced through)."""
 
@@ -151,8 +166,7 @@ class UnsafeAttentionBlock(nn.Module):
         logits = q @ self.to_k(self.tokens).transpose(0, 1) * self.scale               # (N, P, 1+K)
         # vec(A_cross) = 1 - A_cross[safe] = the unsafe tokens' probabilities summed: one product with the
         # constant column (0, s, ..., s), s = scale (the graph has no slice, subtract, unsqueeze or squeeze)
-        column = torch.tensor([[0.0]] + [[float(scale)]] * (logits.shape[-1] - 1), dtype=logits.dtype,
-                              device=logits.device)
+        column = _constant([[0.0]] + [[float(scale)]] * (logits.shape[-1] - 1), logits)
         unsafe = logits.softmax(dim=-1) @ column                                        # (N, P, 1)
         a_self = (sq @ sk.transpose(1, 2) * self.scale).softmax(dim=-1)                  # (N, P, P)
         return logits, a_self @ unsafe
@@ -346,9 +360,9 @@ class SafeCtrl(nn.Module):
         ``scale``: the mask comes out multiplied by it (in [0, scale]; folded into the detector's constants, so
         a scaled mask costs no graph node)."""
         logits, mask = self.uab.masks(features, scale)
-        cats = self.token_categories()
-        onehot = (cats[:, None] == torch.arange(len(self.config.categories) + 1)[None]).to(logits.dtype)
-        class_probs = logits.softmax(-1) @ onehot.to(logits.device)  # (N, P, 1 + categories)
+        cats = self.token_categories().tolist()
+        onehot = _constant([[float(c == k) for k in range(len(self.config.categories) + 1)] for c in cats], logits)
+        class_probs = logits.softmax(-1) @ onehot  # (N, P, 1 + categories)
         n = features.shape[0]
         mask = mask.reshape(n, 1, *hw)
         if tuple(hw) != tuple(latent_hw):

@@ -126,6 +126,14 @@ class SafePatch(nn.Module):
         base = UNet2DConditionModel.from_config(cfg)
         self.conv_in, self.time_proj, self.time_embedding = base.conv_in, base.time_proj, base.time_embedding
         self.down_blocks, self.mid_block = base.down_blocks, base.mid_block
+        # SDXL: the clone reads the same pooled-text + size conditioning as the UNet (diffusers' SDXL ControlNet)
+        self.text_time = cfg.get("addition_embed_type") == "text_time"
+        if self.text_time:
+            self.add_time_proj, self.add_embedding = base.add_time_proj, base.add_embedding
+        elif cfg.get("addition_embed_type") is not None or cfg.get("class_embed_type") is not None:
+            raise ValueError("SafePatch clones UNets without extra embeddings or with SDXL's text_time one, not "
+                             f"addition_embed_type={cfg.get('addition_embed_type')!r} / "
+                             f"class_embed_type={cfg.get('class_embed_type')!r}")
         del base
         down, mid = residual_shapes(SimpleNamespace(**cfg), 8, 8)
         self.zero_convs = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c, _, _ in down)
@@ -137,13 +145,21 @@ class SafePatch(nn.Module):
     def from_unet(cls, unet, config: SafePatchConfig) -> SafePatch:
         """A patch whose encoder clone starts from ``unet``'s weights (zero convs: exact no-op)."""
         patch = cls(config)
-        for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
+        names = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
+        for name in names + (("add_time_proj", "add_embedding") if patch.text_time else ()):
             getattr(patch, name).load_state_dict(getattr(unet, name).state_dict())
         return patch
 
-    def forward(self, sample, timestep, encoder_hidden_states, instruction):
+    def forward(self, sample, timestep, encoder_hidden_states, instruction, added_cond_kwargs=None):
+        """``added_cond_kwargs``: SDXL's ``{"text_embeds", "time_ids"}``, exactly as the UNet gets them."""
         timesteps = timestep.reshape(-1).to(sample.dtype).expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
+        if self.text_time:
+            if added_cond_kwargs is None:
+                raise ValueError("SafePatch on an SDXL UNet needs added_cond_kwargs (text_embeds, time_ids)")
+            text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
         h = self.conv_in(sample) + self.projection(sample, instruction)
         skips = [h]
         for block in self.down_blocks:

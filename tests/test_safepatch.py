@@ -256,3 +256,47 @@ def test_lean_matches_pytorch_reference(gpipe, torch_parts, prompt, active):
     psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
     print(f"PSNR lean vs PyTorch reference, {'triggered' if active else 'gated off'}: {psnr:.2f} dB")
     assert psnr >= 40
+
+
+def _tiny_sdxl_unet():
+    """The tiny SDXL fixture's UNet architecture (text_time conditioning, depth 2), random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, layers_per_block=2, block_out_channels=(32, 64), transformer_layers_per_block=(1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=96,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 48,
+    ).eval()
+
+
+def test_sdxl_patch_is_a_zero_init_clone_fed_the_text_time_conditioning():
+    """On an SDXL UNet the untrained patch adds exact zeros, and its encoder clone computes the UNet's own mid-block
+    features from the same text_time conditioning (identity zero-convs expose them: the add embedding is wired)."""
+    import torch
+
+    from guards.safepatch import SafePatch, SafePatchConfig
+
+    unet = _tiny_sdxl_unet()
+    patch = SafePatch.from_unet(unet, SafePatchConfig.for_unet(unet, 96)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, c = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([641.0]), torch.randn(2, 7, 96, generator=g)
+    s = torch.randn(2, 5, 96, generator=g)
+    added = {"text_embeds": torch.randn(2, 48, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    seen = {}
+    hook = unet.mid_block.register_forward_hook(lambda m, i, o: seen.__setitem__("mid", o))
+    with torch.no_grad():
+        res = patch(x, t, c, s, added_cond_kwargs=added)
+        assert all(torch.count_nonzero(r) == 0 for r in res)
+        base = unet(x, t.expand(2), c, added_cond_kwargs=added).sample
+        patched = unet(x, t.expand(2), c, added_cond_kwargs=added, down_block_additional_residuals=res[:-1],
+                       mid_block_additional_residual=res[-1]).sample
+        assert torch.equal(base, patched)
+        torch.nn.init.dirac_(patch.mid_zero_conv.weight)
+        mid = patch(x, t, c, s, added_cond_kwargs=added)[-1]
+    hook.remove()
+    assert torch.allclose(mid, seen["mid"], atol=1e-5)
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        patch(x, t, c, s)
