@@ -327,6 +327,8 @@ def plot(res: dict, path: Path) -> None:
             ("safectrl_active_up1_per_step", "SafeCtrl active (up1)"), ("saferedir_per_step", "SafeRedir")]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     names = [n for n, r in res["archs"].items() if "ratios" in r]
+    if not names:
+        return
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         q = res["archs"][name]["ratios"]

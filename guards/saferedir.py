@@ -137,7 +137,7 @@ class SafeRedir(nn.Module):
         """(B, 2) logits {safe, unsafe}."""
         b = latent.shape[0]
         t = timestep.reshape(-1).to(torch.float32).expand(b) if timestep.numel() == 1 else timestep.reshape(b)
-        joint = self.latent_encoder(latent) + self.time_mlp(timestep_embedding(t, self.config.width))
+        joint = self.latent_encoder(latent) + self.time_mlp(timestep_embedding(t, self.config.width).to(latent.dtype))
         tokens = self.token_proj(prompt_embeds) + self.position[:, : prompt_embeds.shape[1]]
         attended = self.cls_attn(joint[:, None], tokens)[:, 0]
         return self.classifier(torch.cat([joint, attended], dim=-1))
