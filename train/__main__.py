@@ -15,7 +15,10 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.time()  # --max-minutes counts from here (imports included)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,7 +140,7 @@ def _fit(args) -> int:
     return fit_all(out, work, args.judge_steps, args.vae_steps, args.base_steps or BASE_STEPS[args.family],
                    family=args.family, batch=args.batch, n_scenes=args.scenes, threads=args.threads,
                    device=args.device, resume=args.resume, max_minutes=args.max_minutes, workers=args.workers,
-                   ckpt_every=args.ckpt_every, vae_dir=args.vae)
+                   ckpt_every=args.ckpt_every, vae_dir=args.vae, started=STARTED)
 
 
 def main(argv: list[str] | None = None) -> int:

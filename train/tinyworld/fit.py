@@ -246,7 +246,7 @@ def fit_base(work: Path, vae, family: str = "sd1", steps: int = 3600, batch: int
         m.to(device)
     params = [p for m in models.values() for p in m.parameters()]
     ema_params = [p for m in ema.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2, **({"fused": True} if device == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(200, steps, 0.1))
     ckpt, start = work / "base.ckpt", 0
     if resume and ckpt.exists():
@@ -374,11 +374,12 @@ def resolve_device(device: str) -> str:
 def fit_all(out: Path, work: Path, judge_steps: int = 1500, vae_steps: int = 1200, base_steps: int = 3600, *,
             family: str = "sd1", batch: int = 64, n_scenes: int = 40000, threads: int | None = None,
             device: str = "cpu", resume: bool = True, max_minutes: float | None = None, workers: int = 1,
-            ckpt_every: int = 300, vae_dir: Path | None = None) -> int:
+            ckpt_every: int = 300, vae_dir: Path | None = None, started: float | None = None) -> int:
     """sd1: tokenizer, judge, VAE, text encoder + UNet -> ``out`` and ``out``-judge. sdxl: the two tokenizers,
     then the two text encoders + UNet on tinyworld's frozen VAE (``vae_dir``) -> ``out`` (the judge is
-    tinyworld's). ``max_minutes`` bounds the whole call: training stops in time to write the folder."""
-    t0 = time.time()
+    tinyworld's). ``max_minutes`` bounds the whole call (from ``started``, a ``time.time()`` value, default now):
+    training stops in time to checkpoint and write the folder."""
+    t0 = started or time.time()
     if family not in FAMILIES:
         raise BadInputError(f"--family {family}: not one of {', '.join(FAMILIES)}")
     device = resolve_device(device)
