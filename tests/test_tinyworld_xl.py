@@ -188,3 +188,17 @@ def test_lean_runtime_runs_the_exported_folder(fitted, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report.read_text())
     assert r["family"] == "sdxl" and (r["height"], r["width"]) == (64, 64) and r["scheduler"] == "ddim"
+
+
+def test_max_minutes_stops_checkpoints_and_writes_the_folder(fitted, tmp_path, capsys):
+    """A spent --max-minutes budget: checkpoint at the step reached, write the folder from the EMA, say so."""
+    import shutil
+
+    tmp = tmp_path / "m"
+    shutil.copytree(fitted / "work", tmp / "work")
+    capsys.readouterr()
+    assert _fit(tmp, "--max-minutes", "0.01", steps=50) == 0  # 0.6 s, less the 20 s kept to write: spent at once
+    out = capsys.readouterr().out
+    assert "stopped at step 2 of 50" in out and "--max-minutes" in out
+    assert torch.load(tmp / "work" / "base.ckpt", weights_only=False)["step"] == 2
+    assert (tmp / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -61,8 +61,9 @@ def _tinyworld(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--no-resume", dest="resume", action="store_false",
                      help="restart the text encoder(s) + UNet stage from step 0 (caches are kept)")
     fit.add_argument("--max-minutes", type=float, default=None,
-                     help="wall-clock budget of the whole command: stop training in time to checkpoint and write "
-                          "the model folder from the EMA weights reached (rerun to continue)")
+                     help="wall-clock budget of the whole command (sd1: its judge and VAE stages run to the end): "
+                          "stop training in time to checkpoint and write the model folder from the EMA weights "
+                          "reached (rerun to continue)")
     fit.add_argument("--ckpt-every", type=int, default=300, help="checkpoint every N steps (default %(default)s)")
     fit.add_argument("--vae", type=Path, default=DEFAULT_MODEL / "vae",
                      help="sdxl only: the frozen VAE (default: tinyworld's, %(default)s)")
