@@ -386,6 +386,7 @@ def fit_all(out: Path, work: Path, judge_steps: int = 1500, vae_steps: int = 120
     torch.set_num_threads(threads or os.cpu_count() or 1)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step
     torch.manual_seed(0)
     work.mkdir(parents=True, exist_ok=True)
     deadline = None if max_minutes is None else t0 + 60 * max_minutes - 20  # 20 s to save and write the folder
