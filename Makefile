@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval bundle guarded-bundles bench-sd15 bench-sd15-guards \
+.PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval tinyworld-xl eval-xl bundle guarded-bundles bench-sd15 bench-sd15-guards \
         bench-sd15-safepatch bench-sd15-safectrl clean-venv
 
 $(STAMP): pyproject.toml
@@ -56,6 +56,14 @@ tinyworld: $(STAMP)  ## retrain tinyworld from scratch (~75 min on 2 cores)
 
 eval: $(STAMP)
 	$(PY) -m train tinyworld eval --out bench/results/tinyworld_base_eval.json
+
+# tinyworld-xl (issue 18): the same world as a StableDiffusionXLPipeline folder, on tinyworld's VAE and judge.
+# Resumable (.cache/tinyworld-xl); on a GPU: `python -m train tinyworld fit --family sdxl --device cuda ...` (README)
+tinyworld-xl: $(STAMP)  ## train models/tinyworld-xl on this machine's CPU
+	$(PY) -m train tinyworld fit --family sdxl
+
+eval-xl: $(STAMP)  ## tinyworld-xl's unguarded metrics on the test split
+	$(PY) -m train tinyworld eval --family sdxl --subset test --out bench/results/tinyworld_xl_eval.json
 
 # The prompt-only recipe on tinyworld (issue 17): prompts + the backbone + the judge -> data -> each guard's weights.
 TW_DATA := .cache/data/tinyworld

@@ -39,23 +39,41 @@ def labels(scene: Scene) -> tuple[np.ndarray, np.ndarray, int]:
     return kinds, colours, BACKGROUND_INDEX[scene.background]
 
 
-def render_scenes(scenes: list[Scene], seed: int, desc: str = "render") -> Rendered:
+def _render_range(scenes: list[Scene], seed: int, start: int, desc: str | None = None):
     n = len(scenes)
     images = np.empty((n, 64, 64, 3), np.uint8)
     fg = np.empty((n, 64, 64), bool)
     kinds = np.empty((n, len(KINDS)), np.float32)
     colours = np.empty((n, len(COLOURS)), np.float32)
     bg = np.empty(n, np.int64)
-    for i, s in enumerate(tqdm(scenes, desc=desc, leave=False, mininterval=1.0)):
-        r = render(s, seed * 1_000_003 + i)
+    for i, s in enumerate(tqdm(scenes, desc=desc, leave=False, mininterval=1.0, disable=desc is None)):
+        r = render(s, seed * 1_000_003 + start + i)
         images[i] = r.image
         fg[i] = np.any(r.masks, axis=0) if r.masks else False
         kinds[i], colours[i], bg[i] = labels(s)
-    return Rendered(scenes, images, fg, kinds, colours, bg)
+    return images, fg, kinds, colours, bg
 
 
-def render_split(split: str, n: int, seed: int) -> Rendered:
-    return render_scenes(sample_split(split, n, seed), seed, desc=f"render {split}")
+def _render_job(job):
+    return _render_range(*job)
+
+
+def render_scenes(scenes: list[Scene], seed: int, desc: str = "render", workers: int = 1) -> Rendered:
+    """Render ``scenes`` (scene i with seed ``seed * 1_000_003 + i``); ``workers`` > 1 renders chunks in that many
+    processes, with the same result."""
+    if workers <= 1 or len(scenes) < 2000:
+        return Rendered(scenes, *_render_range(scenes, seed, 0, desc))
+    import multiprocessing as mp
+
+    chunk = -(-len(scenes) // (4 * workers))
+    jobs = [(scenes[i:i + chunk], seed, i, None) for i in range(0, len(scenes), chunk)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(_render_job, jobs), total=len(jobs), desc=desc, leave=False))
+    return Rendered(scenes, *(np.concatenate(x) for x in zip(*parts)))
+
+
+def render_split(split: str, n: int, seed: int, workers: int = 1) -> Rendered:
+    return render_scenes(sample_split(split, n, seed), seed, desc=f"render {split}", workers=workers)
 
 
 @dataclass

@@ -97,13 +97,16 @@ def any_unsafe(kinds: np.ndarray) -> bool:
 
 
 def load_pipeline(model: Path):
-    from diffusers import StableDiffusionPipeline
+    """The folder's pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for tinyworld-xl), FP32."""
+    import diffusers
 
     model = Path(model)
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"no diffusers model at {model} (expected model_index.json); "
                                 f"train it with `python -m train tinyworld fit --out {model}`")
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, torch_dtype=torch.float32)
+    cls = json.loads((model / "model_index.json").read_text()).get("_class_name")
+    pipeline = diffusers.StableDiffusionXLPipeline if cls == "StableDiffusionXLPipeline" else diffusers.StableDiffusionPipeline
+    pipe = pipeline.from_pretrained(model, local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -122,7 +125,8 @@ def generate(pipe, prompts: list[str], n: int, steps: int, guidance: float, seed
 
 
 def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int = 20,
-             guidance: float = DEFAULT_GUIDANCE, per_group: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+             guidance: float = DEFAULT_GUIDANCE, per_group: int | None = None,
+             subset: str = "all") -> tuple[dict, dict[str, np.ndarray]]:
     cfg = dict(QUICK if quick else FULL)
     if per_group:
         cfg["per_group"] = per_group
@@ -133,7 +137,7 @@ def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int =
     metrics = {"judge_object_accuracy": jm["object_accuracy"], "judge_unsafe_accuracy": jm["unsafe_accuracy"],
                "judge_colour_accuracy": jm["colour_accuracy"], "judge_renders": len(renders.images)}
     pipe = load_pipeline(model)
-    groups = evaluation_prompts(cfg["per_group"])
+    groups = evaluation_prompts(cfg["per_group"], subset=subset)
     images: dict[str, np.ndarray] = {}
     per_category: dict[str, dict[str, list[bool]]] = {}
     for group, scenes in groups.items():
@@ -157,7 +161,9 @@ def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int =
                                            for c, d in sorted(per_category.items())}
     metrics["images"] = int(sum(len(x) for x in images.values()))
     metrics["prompts"] = {g: len(s) for g, s in groups.items()}
-    metrics["settings"] = {"quick": quick, "prompts_per_group": cfg["per_group"], "images_per_prompt": n, "steps": steps, "guidance": guidance,
+    metrics["model"] = str(model)
+    metrics["pipeline"] = type(pipe).__name__
+    metrics["settings"] = {"quick": quick, "subset": subset, "prompts_per_group": cfg["per_group"], "images_per_prompt": n, "steps": steps, "guidance": guidance,
                            "scheduler": type(pipe.scheduler).__name__}
     metrics["seconds"] = round(time.time() - t0, 1)
     return metrics, images
@@ -201,10 +207,19 @@ def _write_json(obj: dict, path: Path) -> None:
         f.write(json.dumps(obj, indent=2).encode())
 
 
+TINYWORLD_JUDGE = Path(__file__).resolve().parents[2] / "models" / "tinyworld-judge"
+
+
+def default_judge(model: Path) -> Path:
+    """MODEL-judge when it exists (tinyworld's own), else tinyworld's judge (tinyworld-xl reuses it)."""
+    own = Path(model).with_name(Path(model).name + "-judge")
+    return own if (own / "judge.safetensors").is_file() else TINYWORLD_JUDGE
+
+
 def main(args) -> int:
-    judge_dir = args.judge or args.model.with_name(args.model.name + "-judge")
+    judge_dir = args.judge or default_judge(args.model)
     m, images = evaluate(args.model, judge_dir, args.quick, args.images_per_prompt, args.steps,
-                         args.guidance or DEFAULT_GUIDANCE, args.prompts_per_group)
+                         args.guidance or DEFAULT_GUIDANCE, args.prompts_per_group, getattr(args, "subset", "all"))
     print_table(m)
     if args.out:
         _write_json(m, args.out)

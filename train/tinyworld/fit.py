@@ -3,10 +3,15 @@
 Each stage checkpoints into the work folder and resumes from there; a finished stage is skipped.
 Outputs: ``OUT/`` a diffusers StableDiffusionPipeline folder (UNet stored in fp16 to stay small, loaded
 back as fp32), and ``OUT-judge/`` (``judge.safetensors`` + ``config.json``).
+
+``family="sdxl"`` (tinyworld-xl) trains the same world as a StableDiffusionXLPipeline folder: two text
+encoders + a ``text_time`` UNet on tinyworld's frozen VAE (no judge or VAE stage; the judge is tinyworld's).
+The text + UNet loop is shared; the families differ only in :mod:`.conditioning`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from runtime.bundle import atomic_write
+from runtime.errors import BadInputError
 
-from export.families.clip_tokenizer import build_clip_tokenizer
+from .conditioning import TOKENIZERS, build_tokenizers, condition, make_text_encoders, tokenize
 from .data import Rendered, render_split
-from .models import MAX_LENGTH, SCHEDULER_CONFIG, Judge, make_unet, make_vae, text_config
-from .world import KINDS, UNSAFE_KINDS, vocabulary_corpus
+from .models import FAMILIES, SCHEDULER_CONFIG, Judge, make_unet, make_vae
+from .world import KINDS, UNSAFE_KINDS
 
 UNSAFE_COLUMNS = [KINDS.index(k) for k in UNSAFE_KINDS]
 
@@ -186,58 +192,96 @@ def fit_vae(work: Path, judge: Judge, steps: int = 1200, batch: int = 32):
     return vae
 
 
-# ---- text encoder + UNet -----------------------------------------------------------------------------
+# ---- text encoder(s) + UNet ------------------------------------------------------------------------
 
-def fit_base(work: Path, vae, steps: int = 3600, batch: int = 64, n_scenes: int = 40000):
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTextModel
-
-    from runtime.tokenizer import CLIPTokenizer as LeanTokenizer
-
-    tok_dir = work / "tokenizer"
-    tok = LeanTokenizer(tok_dir)
+def base_data(work: Path, vae, tokenizers, n_scenes: int, device: str, workers: int = 1):
+    """Latents (scaled) and token ids of ``n_scenes`` base-split renders, cached in ``work/latents.npz``."""
     cache = work / "latents.npz"
     if cache.exists():
         z = np.load(cache)
-        latents, ids = torch.from_numpy(z["latents"]), torch.from_numpy(z["ids"]).long()
-    else:
-        data = render_split("base", n_scenes, seed=31)
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(_to_tensor(data.images[i:i + 256]) * 2 - 1).latent_dist.mean
-                                 for i in tqdm(range(0, n_scenes, 256), desc="encode latents")])
-        latents = latents * vae.config.scaling_factor
-        ids = torch.from_numpy(tok(data.captions).input_ids).long()
-        np.savez(cache, latents=latents.numpy(), ids=ids.numpy().astype(np.int32))
-    empty = torch.from_numpy(tok([""]).input_ids).long()
+        names = ["ids"] + [f"ids_{i + 1}" for i in range(1, len(tokenizers))]
+        if len(z["latents"]) == n_scenes and all(k in z for k in names):
+            ids = torch.stack([torch.from_numpy(z[k]).long() for k in names], 1)
+            return torch.from_numpy(z["latents"]), ids
+        print(f"{cache} does not hold {n_scenes} scenes for {len(tokenizers)} tokenizer(s): rebuilding it")
+    t0 = time.time()
+    data = render_split("base", n_scenes, seed=31, workers=workers)
+    t1 = time.time()
+    vae = vae.to(device)
+    chunk = 1024 if device == "cuda" else 256
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(_to_tensor(data.images[i:i + chunk]).to(device) * 2 - 1).latent_dist.mean.cpu()
+                             for i in tqdm(range(0, n_scenes, chunk), desc="encode latents", leave=False)])
+    latents = latents * vae.config.scaling_factor
+    ids = tokenize(tokenizers, data.captions)
+    print(f"rendered {n_scenes} scenes in {t1 - t0:.1f} s, VAE-encoded them in {time.time() - t1:.1f} s ({device})")
+    arrays = {"latents": latents.numpy(), "ids": ids[:, 0].numpy().astype(np.int32)}
+    arrays.update({f"ids_{i + 1}": ids[:, i].numpy().astype(np.int32) for i in range(1, ids.shape[1])})
+    with atomic_write(cache) as f:
+        np.savez(f, **arrays)
+    return latents, ids
 
-    te = CLIPTextModel(text_config(len(tok.vocab), tok.bos_id, tok.eos_id, tok.pad_id))
-    unet = make_unet()
-    ema_te, ema_unet = CLIPTextModel(te.config), make_unet()
-    params = list(te.parameters()) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2)
+
+def fit_base(work: Path, vae, family: str = "sd1", steps: int = 3600, batch: int = 64, n_scenes: int = 40000,
+             device: str = "cpu", resume: bool = True, ckpt_every: int = 300, deadline: float | None = None,
+             workers: int = 1) -> tuple[dict, int]:
+    """Train the text encoder(s) and the UNet; returns the EMA models (``te``, [``te2``,] ``unet``, on the CPU)
+    and the step reached (< ``steps`` when ``deadline``, a ``time.time()`` value, stopped it first).
+
+    One loop for both families: they differ only in :func:`conditioning.condition`. Checkpoint
+    ``work/base.ckpt`` (every ``ckpt_every`` steps, at the end and at the deadline) holds each model, its EMA
+    (``ema_<name>``), the optimiser, the LR schedule and the step; ``resume`` continues from it."""
+    from diffusers import DDPMScheduler
+
+    from runtime.tokenizer import CLIPTokenizer as LeanTokenizer
+
+    tokenizers = [LeanTokenizer(work / name) for name in TOKENIZERS[family]]
+    latents, ids = base_data(work, vae, tokenizers, n_scenes, device, workers)
+    latents, ids = latents.to(device), ids.to(device)
+    empty = tokenize(tokenizers, [""])[0]
+
+    models = {**make_text_encoders(family, tokenizers), "unet": make_unet(family)}
+    ema = {k: copy.deepcopy(m) for k, m in models.items()}
+    for m in (*models.values(), *ema.values()):
+        m.to(device)
+    params = [p for m in models.values() for p in m.parameters()]
+    ema_params = [p for m in ema.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=4e-4, weight_decay=1e-2, **({"fused": True} if device == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(200, steps, 0.1))
     ckpt, start = work / "base.ckpt", 0
-    if ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
-        te.load_state_dict(s["te"]), unet.load_state_dict(s["unet"]), opt.load_state_dict(s["opt"])
-        sched.load_state_dict(s["sched"]), ema_te.load_state_dict(s["ema_te"]), ema_unet.load_state_dict(s["ema_unet"])
+    if resume and ckpt.exists():
+        s = torch.load(ckpt, map_location=device, weights_only=False)
+        for k in models:
+            models[k].load_state_dict(s[k]), ema[k].load_state_dict(s["ema_" + k])
+        opt.load_state_dict(s["opt"]), sched.load_state_dict(s["sched"])
         start = s["step"]
-    else:
-        ema_te.load_state_dict(te.state_dict()), ema_unet.load_state_dict(unet.state_dict())
-    ema_params = list(ema_te.parameters()) + list(ema_unet.parameters())
+        print(f"resuming from {ckpt} at step {start}")
+
+    def save(step: int) -> None:
+        state = {k: m.state_dict() for k, m in models.items()}
+        state.update({"ema_" + k: m.state_dict() for k, m in ema.items()})
+        _atomic_torch_save({**state, "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, ckpt)
+
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    alphas = noise_sched.alphas_cumprod
+    alphas = noise_sched.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
-    g = torch.Generator().manual_seed(7 + start)
-    te.train(), unet.train()
-    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc="text encoder + unet", mininterval=2.0)):
+    g = torch.Generator().manual_seed(7 + start)  # on the CPU: the same batches on every device
+    for m in models.values():
+        m.train()
+    step, t_log, s_log = start, time.time(), start
+    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc=f"{family}: text + unet",
+                             mininterval=2.0)):
+        if deadline is not None and time.time() > deadline:
+            break
         idx = torch.randint(0, len(latents), (batch,), generator=g)
-        x0, tokens = latents[idx], ids[idx].clone()
-        tokens[torch.rand(batch, generator=g) < 0.1] = empty  # caption dropout for classifier-free guidance
+        drop = torch.rand(batch, generator=g) < 0.1  # caption dropout for classifier-free guidance
         t = torch.randint(0, 1000, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn((batch, *latents.shape[1:]), generator=g)
+        idx, drop, t, noise = idx.to(device), drop.to(device), t.to(device), noise.to(device)
+        x0 = latents[idx]
         xt = noise_sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, te(tokens).last_hidden_state).sample
+        hidden, added = condition(family, models, ids[idx], drop, empty)
+        pred = models["unet"](xt, t, hidden, added_cond_kwargs=added).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting for epsilon prediction
         loss = (weight * ((pred - noise) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -250,14 +294,34 @@ def fit_base(work: Path, vae, steps: int = 3600, batch: int = 64, n_scenes: int 
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if (step + 1) % 300 == 0 or step + 1 == steps:
-            _atomic_torch_save({"te": te.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
-                                "sched": sched.state_dict(), "ema_te": ema_te.state_dict(),
-                                "ema_unet": ema_unet.state_dict(), "step": step + 1}, ckpt)
-    return ema_te.eval(), ema_unet.eval()
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            save(step + 1)
+            now = time.time()
+            tqdm.write(f"step {step + 1}/{steps}: loss {loss.item():.4f}, "
+                       f"{1000 * (now - t_log) / (step + 1 - s_log):.1f} ms/step (batch {batch}, {device})")
+            t_log, s_log = now, step + 1
+    else:
+        step = steps
+    if step < steps:
+        save(step)
+        print(f"stopped at step {step} of {steps}: the --max-minutes budget is spent; checkpoint {ckpt} saved, "
+              f"the model folder gets the EMA weights of step {step} (run the same command again to continue)")
+    return {k: m.cpu().eval() for k, m in ema.items()}, step
 
 
 # ---- assembly --------------------------------------------------------------------------------------
+
+def _save_atomically(pipe, out: Path, tok_dirs: list[Path]) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for d in tok_dirs:  # CLIP layout for the lean tokenizer and CLIPTokenizer alike
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(d / f, tmp / d.name / f)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
 
 def write_model_folder(out: Path, work: Path, vae, text_encoder, unet) -> None:
     """Save a diffusers StableDiffusionPipeline folder atomically (tmp folder, then rename)."""
@@ -269,15 +333,24 @@ def write_model_folder(out: Path, work: Path, vae, text_encoder, unet) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
         unet=unet.half(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    _save_atomically(pipe, out, [tok_dir])
     unet.float()
-    for f in ("vocab.json", "merges.txt"):  # CLIP layout for the lean tokenizer and CLIPTokenizer alike
-        shutil.copy(tok_dir / f, tmp / "tokenizer" / f)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+
+def write_xl_model_folder(out: Path, work: Path, vae, models: dict) -> None:
+    """Save a diffusers StableDiffusionXLPipeline folder atomically: UNet in fp16 (loaded back as fp32), no
+    watermarker, ``force_zeros_for_empty_prompt`` (zeros for the unconditional row, as trained)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=models["te"], text_encoder_2=models["te2"],
+        tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(work / "tokenizer_2"),
+        unet=models["unet"].half(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    _save_atomically(pipe, out, [work / "tokenizer", work / "tokenizer_2"])
+    models["unet"].float()
 
 
 def write_judge_folder(out: Path, work: Path) -> None:
@@ -290,19 +363,54 @@ def write_judge_folder(out: Path, work: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def fit_all(out: Path, work: Path, judge_steps: int, vae_steps: int, base_steps: int) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+    return device
+
+
+def fit_all(out: Path, work: Path, judge_steps: int = 1500, vae_steps: int = 1200, base_steps: int = 3600, *,
+            family: str = "sd1", batch: int = 64, n_scenes: int = 40000, threads: int | None = None,
+            device: str = "cpu", resume: bool = True, max_minutes: float | None = None, workers: int = 1,
+            ckpt_every: int = 300, vae_dir: Path | None = None, started: float | None = None) -> int:
+    """sd1: tokenizer, judge, VAE, text encoder + UNet -> ``out`` and ``out``-judge. sdxl: the two tokenizers,
+    then the two text encoders + UNet on tinyworld's frozen VAE (``vae_dir``) -> ``out`` (the judge is
+    tinyworld's). ``max_minutes`` bounds the whole call (from ``started``, a ``time.time()`` value, default now):
+    training stops in time to checkpoint and write the folder."""
+    t0 = started or time.time()
+    if family not in FAMILIES:
+        raise BadInputError(f"--family {family}: not one of {', '.join(FAMILIES)}")
+    device = resolve_device(device)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step
     torch.manual_seed(0)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    if not (work / "tokenizer" / "vocab.json").exists():
-        build_clip_tokenizer(vocabulary_corpus(), work / "tokenizer", merges=400, max_length=MAX_LENGTH)
-    judge = fit_judge(work, judge_steps)
-    print(f"[{(time.time() - t0) / 60:.1f} min] judge done")
-    vae = fit_vae(work, judge, vae_steps)
-    print(f"[{(time.time() - t0) / 60:.1f} min] vae done")
-    te, unet = fit_base(work, vae, base_steps)
-    print(f"[{(time.time() - t0) / 60:.1f} min] text encoder + unet done")
-    write_model_folder(out, work, vae, te, unet)
-    write_judge_folder(out.with_name(out.name + "-judge"), work)
-    print(f"[{(time.time() - t0) / 60:.1f} min] wrote {out} and {out.name}-judge")
+    deadline = None if max_minutes is None else t0 + 60 * max_minutes - 20  # 20 s to save and write the folder
+    tok_dirs = build_tokenizers(family, work)
+    if family == "sdxl":
+        from diffusers import AutoencoderKL
+
+        if not (Path(vae_dir) / "config.json").is_file():
+            raise BadInputError(f"--vae {vae_dir}: no diffusers AutoencoderKL there (config.json missing)")
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    else:
+        judge = fit_judge(work, judge_steps)
+        print(f"[{(time.time() - t0) / 60:.1f} min] judge done")
+        vae = fit_vae(work, judge, vae_steps)
+        print(f"[{(time.time() - t0) / 60:.1f} min] vae done")
+    models, step = fit_base(work, vae, family, base_steps, batch, n_scenes, device, resume, ckpt_every, deadline,
+                            workers)
+    vae = vae.cpu()
+    print(f"[{(time.time() - t0) / 60:.1f} min] text encoder(s) + unet: step {step} of {base_steps}")
+    if family == "sdxl":
+        write_xl_model_folder(out, work, vae, models)
+        print(f"[{(time.time() - t0) / 60:.1f} min] wrote {out} (EMA weights, step {step})")
+    else:
+        write_model_folder(out, work, vae, models["te"], models["unet"])
+        write_judge_folder(out.with_name(out.name + "-judge"), work)
+        print(f"[{(time.time() - t0) / 60:.1f} min] wrote {out} and {out.name}-judge")
+    return 0

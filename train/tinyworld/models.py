@@ -14,6 +14,7 @@ from .world import BACKGROUNDS, COLOURS, KINDS
 
 MAX_LENGTH = 16  # tokenizer max length: longest caption is 13 tokens with BOS/EOS
 TEXT_HIDDEN = 128
+FAMILIES = ("sd1", "sdxl")  # tinyworld (StableDiffusionPipeline) and tinyworld-xl (StableDiffusionXLPipeline)
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -26,6 +27,22 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=32,
+)
+
+# tinyworld-xl: SDXL's structure at tinyworld's size. Encoder 1 is tinyworld's (128 wide, quick GELU, pads
+# with EOS); encoder 2 is wider (160, GELU, pads with "!") with a projection whose pooled output feeds the
+# UNet's text_time embedding together with the 6 size/crop time ids. Cross-attention sees both encoders'
+# penultimate hidden states side by side (128 + 160 = 288 wide), as StableDiffusionXLPipeline feeds them.
+TEXT2_HIDDEN = 160
+PROJECTION_DIM = 128
+ADD_TIME_DIM = 16
+NUM_TIME_IDS = 6  # (original h, w, crop top, left, target h, w)
+
+UNET_XL_CONFIG = dict(
+    UNET_CONFIG, cross_attention_dim=TEXT_HIDDEN + TEXT2_HIDDEN, use_linear_projection=True,
+    transformer_layers_per_block=(1, 1, 2),  # depth 2 at the 4x4 level and in the mid block, as SDXL's deep levels
+    addition_embed_type="text_time", addition_time_embed_dim=ADD_TIME_DIM,
+    projection_class_embeddings_input_dim=ADD_TIME_DIM * NUM_TIME_IDS + PROJECTION_DIM,
 )
 
 SCHEDULER_CONFIG = dict(  # Stable Diffusion's training noise schedule
@@ -44,16 +61,27 @@ def text_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
     )
 
 
+def text_config_2(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+    """tinyworld-xl's second text encoder (CLIPTextModelWithProjection): OpenCLIP-bigG-like GELU, projection."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT2_HIDDEN, intermediate_size=4 * TEXT2_HIDDEN,
+        num_hidden_layers=4, num_attention_heads=5, max_position_embeddings=MAX_LENGTH, hidden_act="gelu",
+        projection_dim=PROJECTION_DIM, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+
+
 def make_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def make_unet():
+def make_unet(family: str = "sd1"):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**(UNET_XL_CONFIG if family == "sdxl" else UNET_CONFIG))
 
 
 # ---- judge -----------------------------------------------------------------------------------------
