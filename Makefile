@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval tinyworld-xl eval-xl bundle guarded-bundles bench-sd15 bench-sd15-guards \
-        bench-sd15-safepatch bench-sd15-safectrl clean-venv
+        bench-sd15-safepatch bench-sd15-safectrl bench-gpu clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -138,6 +138,9 @@ bench-sd15-safepatch bench-sd15-safectrl: bench-sd15-%: engines/sd15_random_256.
 	  --out bench/results/latency_sd15_random_256_$*_$$f.json || exit 1; done
 
 bench-sd15-guards: bench-sd15-safepatch bench-sd15-safectrl  ## SafePatch then SafeCtrl, on and off (~1 h on 2 cores)
+
+bench-gpu: $(STAMP)  ## each guard against the plain UNet at real size on a GPU (torch fp16 + CUDA graphs, < 2 min on an H200)
+	$(PY) -m bench gpu-overhead --out bench/results/gpu_guard_overhead.json
 
 clean-venv:
 	rm -rf $(VENV)
