@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval tinyworld-xl eval-xl bundle guarded-bundles bench-sd15 bench-sd15-guards \
-        bench-sd15-safepatch bench-sd15-safectrl bench-gpu clean-venv
+        bench-sd15-safepatch bench-sd15-safectrl bench-sd15-stack bench-gpu clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -138,6 +138,20 @@ bench-sd15-safepatch bench-sd15-safectrl: bench-sd15-%: engines/sd15_random_256.
 	  --out bench/results/latency_sd15_random_256_$*_$$f.json || exit 1; done
 
 bench-sd15-guards: bench-sd15-safepatch bench-sd15-safectrl  ## SafePatch then SafeCtrl, on and off (~1 h on 2 cores)
+
+# Opt-in (issue 18): the four-guard stack at real size, every guard's decision pinned off (a benign prompt: the
+# stack's benign overhead) and on (every guard acting), each timed against engines/sd15_random_256.plan in one run.
+STACK4 := safeguider,saferedir,safepatch,safectrl
+engines/sd15_random_256_stack_%.plan: $(SD15)/model_index.json train/random_init.py $(GUARD_CODE) | $(STAMP)
+	for g in $(subst $(comma), ,$(STACK4)); do $(PY) -m train random-init --guard $$g --force $* --model $(SD15) \
+	  --out $(SD15G)/stack_$*/$(notdir $(SD15))/$$g || exit 1; done
+	$(PY) -m export build --model $(SD15) --height 256 --width 256 --precision fp32 --guards $(STACK4) \
+	  --guard-dir $(SD15G)/stack_$* --out $@
+
+bench-sd15-stack: engines/sd15_random_256.plan engines/sd15_random_256_stack_off.plan engines/sd15_random_256_stack_on.plan  ## the four-guard stack at real size, off then on (~40 min on 2 cores)
+	for f in off on; do $(PY) -m bench latency --engine engines/sd15_random_256_stack_$$f.plan \
+	  --baseline engines/sd15_random_256.plan --no-reference --quick --steps 10 --prompt-set benign \
+	  --out bench/results/latency_sd15_random_256_stack_$$f.json || exit 1; done
 
 bench-gpu: $(STAMP)  ## each guard against the plain UNet at real size on a GPU (torch fp16 + CUDA graphs, < 2 min on an H200)
 	$(PY) -m bench gpu-overhead --out bench/results/gpu_guard_overhead.json

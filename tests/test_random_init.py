@@ -38,3 +38,29 @@ def test_pinned_decisions(tmp_path, force):
         _, mask = safectrl.uab(feats)
     tau = float(safectrl.config.mask_threshold)
     assert bool((mask > 0.99).all()) if force == "on" else float(mask.max()) < tau
+
+
+@pytest.mark.parametrize("force", ["on", "off"])
+def test_pinned_text_and_latent_guards(tmp_path, force):
+    """SafeGuider flags every prompt (on) or none (off); SafeRedir's classifier fires (on) or never (off)."""
+    from export.families import load_backbone
+    from guards.safeguider import SafeGuiderClassifier
+    from guards.saferedir import SafeRedir
+    from train.__main__ import main
+
+    for guard in ("safeguider", "saferedir"):
+        assert main(["random-init", "--guard", guard, "--force", force, "--model", str(TINYWORLD),
+                     "--out", str(tmp_path / guard)]) == 0
+    backbone = load_backbone(TINYWORLD)
+    dim, length = backbone.text_encoders[0].hidden_size, backbone.text_encoders[0].max_length
+    g = torch.Generator().manual_seed(0)
+    classifier = SafeGuiderClassifier.from_pretrained(tmp_path / "safeguider")
+    redir = SafeRedir.from_pretrained(tmp_path / "saferedir")
+    assert classifier.config.hidden_size == dim and redir.config.hidden_size == backbone.cross_attention_dim
+    with torch.no_grad():
+        safe = classifier.safe_score(torch.randn(4, dim, generator=g))
+        unsafe = torch.softmax(redir.classify(torch.randn(4, 4, 16, 16, generator=g), torch.tensor([500.0]),
+                                              torch.randn(4, length, dim, generator=g)), dim=-1)[:, 1]
+    threshold = classifier.config.threshold
+    assert bool((safe < 1e-3).all()) if force == "on" else bool((safe > threshold).all())
+    assert bool((unsafe > 0.99).all()) if force == "on" else bool((unsafe < 0.01).all())

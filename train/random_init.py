@@ -1,4 +1,4 @@
-"""Write an untrained UNet-side guard sized from a backbone, with the published initialisation (for latency).
+"""Write an untrained guard sized from a backbone, with the published initialisation (for latency).
 
     python -m train random-init --guard safepatch --model .cache/sd15-architecture \\
         --out .cache/sd15-guards/safepatch_on/sd15-architecture/safepatch --force on
@@ -14,6 +14,9 @@ bench-sd15-guards``). Initialisation as published:
 - **safectrl**: ``SafeCtrl.for_unet``: a Safety Guidance processor on every ``attn2`` with ``W_K'``, ``W_V'``
   copied from the layer's ``W_K``, ``W_V``; the Unsafe Attention Block default-initialised, its
   ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet.
+- **safeguider**: the published 3-layer MLP on the text encoder's EOS embedding, default-initialised.
+- **saferedir**: ``SafeRedir.for_backbone`` (classifier + delta generator sized from the text width, prompt length
+  and latent channels), default-initialised.
 
 ``--force`` (measurement only): with a random text encoder, whether the gate fires or the mask passes its
 threshold would be arbitrary per prompt, so it can be pinned. Graph shapes and operations are unchanged;
@@ -25,8 +28,12 @@ only the outputs of the deciding layer are:
   every unsafe token and opposed to the "safe" token (``to_k`` = identity): ``A_cross[safe] ~ 2e-8``, so
   ``M = A_self @ (1 - A_cross[safe]) ~ 1`` at every pixel, above ``mask_threshold``: the blend is on at
   every active step.
+  SafeGuider's output layer gets weight 0 and bias ``(+8, -8)`` over ``(unsafe, safe)``: ``P(safe) ~ 1e-7``,
+  every prompt is flagged (a search finds no qualifying deletion; a gate flags). SafeRedir's classifier output
+  layer gets weight 0 and bias ``(-8, +8)`` over ``(safe, unsafe)``: it fires at its first check.
 - ``off``: the opposite signs: the gate never fires (``p(none) ~ 1``; zero residuals, no patch graph call),
-  the mask is ~7e-7 everywhere, below ``mask_threshold``: blend weight exactly 0.
+  the mask is ~7e-7 everywhere, below ``mask_threshold``: blend weight exactly 0; SafeGuider passes every prompt
+  unchanged, SafeRedir never fires.
 """
 
 from __future__ import annotations
@@ -34,28 +41,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-UNET_GUARDS = ("safepatch", "safectrl")  # the guards it can size from a UNet
+GUARDS = ("safeguider", "saferedir", "safepatch", "safectrl")
 LOGIT = 8.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guard", choices=UNET_GUARDS, required=True)
+    p.add_argument("--guard", choices=GUARDS, required=True)
     p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder) the guard is sized from")
     p.add_argument("--out", type=Path, required=True, help="writes config.json + model.safetensors here")
     p.add_argument("--force", choices=("on", "off"), default=None,
-                   help="pin the per-prompt decision: gate always / never fires, mask above / below threshold")
+                   help="pin the per-prompt decision: flagged / fires / mask above threshold (on) or never (off)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _force_gate(gate, on: bool) -> None:
+    _force_logits(gate.out[-1], 1 if on else 0)   # (none, weapon, ...): "weapon" or "none"
+
+
+def _force_logits(layer, hot: int) -> None:
+    """A constant output: weight 0, bias +LOGIT at index ``hot`` and -LOGIT elsewhere."""
     import torch
 
-    head = gate.out[-1]
-    bias = torch.full_like(head.bias, -LOGIT)
-    bias[1 if on else 0] = LOGIT
+    bias = torch.full_like(layer.bias, -LOGIT)
+    bias[hot] = LOGIT
     with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(bias)
+        layer.weight.zero_()
+        layer.bias.copy_(bias)
 
 
 def _force_mask(uab, on: bool) -> None:
@@ -85,7 +96,24 @@ def main(args) -> int:
         return 2
     unet = backbone.unet
     provenance = {"random_init": {"model": str(args.model), "force": args.force, "seed": args.seed}}
-    if args.guard == "safepatch":
+    if args.guard == "safeguider":
+        from guards.safeguider import SafeGuiderClassifier, SafeGuiderConfig
+
+        config = SafeGuiderConfig(hidden_size=backbone.text_encoders[0].hidden_size, training=provenance)
+        model = SafeGuiderClassifier(config)
+        if args.force:
+            _force_logits(model.fc3, 1 - config.safe_class if args.force == "on" else config.safe_class)
+        model.save_pretrained(args.out)
+        size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    elif args.guard == "saferedir":
+        from guards.saferedir import SafeRedir
+
+        model = SafeRedir.for_backbone(backbone, training=provenance)
+        if args.force:
+            _force_logits(model.classifier[-1], 1 if args.force == "on" else 0)   # (safe, unsafe)
+        model.save_pretrained(args.out)
+        size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    elif args.guard == "safepatch":
         from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save
 
         config = SafePatchConfig.for_unet(unet, backbone.text_encoders[0].hidden_size, training=provenance)
