@@ -7,6 +7,14 @@ ones, so a published state dict (``SD1.4_safeguider.pt``) loads with :meth:`Safe
 Its input is the final-layer-normed hidden state at the FIRST EOS token (the text stage's ``eos`` output;
 the public code takes ``last_hidden_state[:, first EOS]`` too).
 
+SDXL (two text encoders; our extension, the paper trained only SD 1.4): ONE classifier of the same shape over
+both encoders' EOS embeddings concatenated, ``[eos(text_encoder), eos(text_encoder_2)]`` (``hidden_size`` =
+768 + 1280 on SDXL base), each the final-layer-normed state at that encoder's first EOS. ``encoder_widths``
+records the split (``[768, 1280]``; None = one encoder), so weights for one backbone are never packed into
+another whose widths merely sum alike. Why one classifier: both encoders read the same prompt and both drive
+the UNet (encoder 2's EOS state is what its pooled ``text_embeds`` projects), and one score keeps the
+published single-threshold decision and one beam search.
+
 How it enters the bundle (a text head of the text stage) is ``export/guards/safeguider.py``; the beam search
 that rewrites flagged prompts runs in the lean runtime (``runtime/guards/safeguider.py``) with the run-time
 settings of :class:`SafeGuiderConfig`. Weights folder: ``config.json`` + ``model.safetensors``.
@@ -36,7 +44,8 @@ class SafeGuiderConfig(GuardConfig):
     RUNTIME_KEYS = ("threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "max_batch", "mode",
                     "on_no_qualifier")
 
-    hidden_size: int                              # D: the text encoder's width
+    hidden_size: int                              # D: the text encoder's width (SDXL: both widths summed)
+    encoder_widths: list | None = None            # SDXL: each encoder's EOS width, in order; None = one encoder
     hidden_dims: list = field(default_factory=lambda: [1024, 512])
     dropout: float = 0.5
     num_classes: int = 2

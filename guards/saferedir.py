@@ -15,8 +15,21 @@ copy), so layer widths and the check interval are ours; the structure is the pub
   the prompt tokens and a pooled prompt context (attention-pooled), not the latent: the redirection is
   computed once, at detection, and should not depend on which step detected.
 
-Sizes come from the backbone: ``hidden_size`` D and ``max_length`` L of the (first) text encoder, the UNet's
-``latent_channels``; nothing assumes 768 / 77. Config-driven (``config.json`` + ``model.safetensors``).
+Sizes come from the backbone: ``hidden_size`` D = the UNet's cross-attention width, ``max_length`` L of the
+(first) text encoder, the UNet's ``latent_channels``; nothing assumes 768 / 77. Config-driven (``config.json`` +
+``model.safetensors``).
+
+SDXL (our extension; the paper's code targets SD 1.x): the UNet is conditioned on two things, the token
+embeddings (both encoders' penultimate hidden states side by side, D = 2048 on SDXL base) and the pooled
+``text_embeds`` of encoder 2 (P = 1280) that enter through ``text_time`` (added to the timestep embedding, so it
+steers every block). Redirecting only the tokens would leave the unsafe prompt's pooled vector in place, so
+both are redirected, with the minimum added: ``pooled_dim`` P set makes a **pooled head** that reads the
+generator's attention-pooled prompt context (the same one the token deltas see) and the pooled vector itself,
+and gives one low-rank delta, mask and scale for the pooled vector, applied in the same relative form:
+``pooled' = p + scale_p * alpha * mask_p * normalize(delta_p) * |p|``. It is trained in stage 2 with the token
+deltas (the UNet sees both redirected; identity and sparsity terms include it). The classifier still reads the
+latent and the token embeddings only (they already hold encoder 2's per-token states). ``pooled_dim`` None
+(SD 1.x / 2.x) builds exactly the modules and graph it always did.
 
 Run time (``runtime/guards/saferedir.py``, settings in :class:`SafeRedirConfig`): from step ``first_check`` on,
 every ``check_every`` steps until it fires, the ``redirect`` graph (``export/guards/saferedir.py``) runs on the
@@ -55,6 +68,7 @@ class SafeRedirConfig(GuardConfig):
     check_every: int = 5        # run time: check the latent every N steps ...
     first_check: int = 0        # ... from this step on
     threshold: float = 0.5      # run time: unsafe probability that triggers
+    pooled_dim: int | None = None  # SDXL: P, width of the pooled text_embeds also redirected; None = no pooled head
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:
@@ -131,6 +145,15 @@ class SafeRedir(nn.Module):
         self.mask_head = nn.Linear(w, 1)
         self.scale_head = nn.Linear(w, 1)
         nn.init.zeros_(self.mask_head.bias)   # mask 0.5 at init: the diffusion loss sees the redirection from step 0
+        if c.pooled_dim:  # SDXL: the pooled head (module docstring)
+            p = c.pooled_dim
+            self.pool_proj = nn.Sequential(nn.LayerNorm(p), nn.Linear(p, w))
+            self.pool_mlp = nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
+            self.pool_down = nn.Linear(w, c.rank)
+            self.pool_up = nn.Linear(c.rank, p)
+            self.pool_mask_head = nn.Linear(w, 1)
+            self.pool_scale_head = nn.Linear(w, 1)
+            nn.init.zeros_(self.pool_mask_head.bias)
 
     # -- parts -----------------------------------------------------------------------------------------
     def classify(self, latent: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -142,8 +165,9 @@ class SafeRedir(nn.Module):
         attended = self.cls_attn(joint[:, None], tokens)[:, 0]
         return self.classifier(torch.cat([joint, attended], dim=-1))
 
-    def redirect(self, prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(redirected (B, L, D), mask (B, L), scale (B, L))."""
+    def redirect(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(redirected (B, L, D), mask (B, L), scale (B, L)); with the pooled head (SDXL) and ``pooled (B, P)``
+        also (redirected_pooled (B, P), pooled_mask (B,), pooled_scale (B,))."""
         c = self.config
         h = self.gen_proj(prompt_embeds) + self.gen_position[:, : prompt_embeds.shape[1]]
         context = self.gen_attn(self.gen_pool.expand(h.shape[0], -1, -1), h)          # (B, 1, W)
@@ -151,23 +175,36 @@ class SafeRedir(nn.Module):
         delta = self.delta_up(self.delta_down(h))
         mask = torch.sigmoid(self.mask_head(h))[..., 0]
         scale = c.max_scale * torch.sigmoid(self.scale_head(h))[..., 0]
+        redirected = self._step(prompt_embeds, delta, mask, scale)
+        if not c.pooled_dim:
+            return redirected, mask, scale
+        if pooled is None:
+            raise ValueError("saferedir: this model redirects the pooled embedding too (pooled_dim set): pass pooled")
+        hp = self.pool_mlp(torch.cat([context[:, 0], self.pool_proj(pooled)], dim=-1))  # (B, W)
+        p_mask = torch.sigmoid(self.pool_mask_head(hp))[..., 0]
+        p_scale = c.max_scale * torch.sigmoid(self.pool_scale_head(hp))[..., 0]
+        p_red = self._step(pooled, self.pool_up(self.pool_down(hp)), p_mask, p_scale)
+        return redirected, mask, scale, p_red, p_mask, p_scale
+
+    def _step(self, e: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``e + scale * alpha * mask * normalize(delta) * |e|`` along the last axis."""
+        c = self.config
         direction = delta / (delta.norm(dim=-1, keepdim=True) + c.eps)
-        norm = prompt_embeds.norm(dim=-1, keepdim=True)
-        redirected = prompt_embeds + (scale * c.alpha * mask)[..., None] * direction * norm
-        return redirected, mask, scale
+        norm = e.norm(dim=-1, keepdim=True)
+        return e + (scale * c.alpha * mask)[..., None] * direction * norm
 
     CLASSIFIER_PREFIXES = ("latent_encoder.", "time_mlp.", "token_proj.", "position", "cls_attn.", "classifier.")
 
     def forward(self, latent: torch.Tensor | None, timestep: torch.Tensor | None, prompt_embeds: torch.Tensor,
-                part: str = "all"):
-        """``part``: "all" (the graph), "classify" (logits only) or "redirect" (the generator's three outputs)."""
+                pooled: torch.Tensor | None = None, part: str = "all"):
+        """``part``: "all" (the graph), "classify" (logits only) or "redirect" (the generator's outputs);
+        ``pooled``: SDXL's pooled embedding (models with the pooled head only)."""
         if part == "classify":
             return self.classify(latent, timestep, prompt_embeds)
         if part == "redirect":
-            return self.redirect(prompt_embeds)
+            return self.redirect(prompt_embeds, pooled)
         logits = self.classify(latent, timestep, prompt_embeds)
-        redirected, mask, scale = self.redirect(prompt_embeds)
-        return logits, redirected, mask, scale
+        return (logits, *self.redirect(prompt_embeds, pooled))
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
@@ -182,11 +219,13 @@ class SafeRedir(nn.Module):
 
     @classmethod
     def for_backbone(cls, backbone, **settings) -> "SafeRedir":
-        """Sized from ``backbone`` (text width, prompt length, latent channels); ``settings``: other fields."""
+        """Sized from ``backbone`` (text width, prompt length, latent channels; SDXL: the pooled width too);
+        ``settings``: other fields."""
         spec = backbone.text_encoders[0]
+        pooled = {"pooled_dim": backbone.pooled_dim} if backbone.pooled_dim else {}
         return cls(SafeRedirConfig.from_dict({"hidden_size": backbone.cross_attention_dim,
                                               "max_length": spec.max_length,
-                                              "latent_channels": backbone.latent_channels, **settings}))
+                                              "latent_channels": backbone.latent_channels, **pooled, **settings}))
 
 
 CONFIG = SafeRedirConfig

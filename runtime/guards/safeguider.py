@@ -1,7 +1,12 @@
 """SafeGuider at run time: pass safe prompts unchanged, rewrite flagged ones with the SAFE beam search.
 
 The classifier is fused into the text-stage graph (output ``safe_score``, export/guards/safeguider.py), so
-every score below is one text-stage call. What this module matches in the public code
+every score below is one text-stage call. SDXL bundles (two text stages) carry it as a graph of its own
+(manifest ``graph``: ``safeguider``, ``inputs``: ``["eos", "eos_2"]``) over both encoders' EOS embeddings
+concatenated: a "text-stage call" below is then one call of EACH text stage plus one of that graph, still on
+the whole batch of candidates, and the EOS embedding of the similarity check (``min_similarity``) is the same
+concatenation ``[eos, eos_2]`` the classifier reads (so the wider, larger-norm encoder weighs more in the
+cosine, as it does in the classifier's input). What this module matches in the public code
 (github.com/pgqihere/SafeGuider, ``stable-diffusion-1.4/scripts/safeguider_gene.py`` at commit b65a495;
 ``recognizer.py``):
 
@@ -53,7 +58,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.guards import Guard, GuardContext, ImageBlocked
-from runtime.guards.settings import count, label, one_of, signed_unit, unit
+from runtime.guards.settings import count, label, labels, one_of, signed_unit, unit
 
 ScoreBatch = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # prompts -> (safe (n,), eos (n, D))
 
@@ -158,39 +163,81 @@ class SafeGuider(Guard):
     SETTINGS = {"threshold": unit, "beam_width": count, "max_depth": count, "qualify_score": unit,
                 "min_similarity": signed_unit, "output": label, "max_batch": count,
                 "mode": one_of("search", "gate"), "on_no_qualifier": one_of("fallback", "block")}
+    GRAPH_SETTINGS = {**SETTINGS, "graph": label, "inputs": labels}  # SDXL: the classifier's own graph
 
     def __init__(self, pipe, config, **kwargs):
+        if isinstance(config, dict) and "graph" in config:
+            self.SETTINGS = self.GRAPH_SETTINGS
         super().__init__(pipe, config, **kwargs)
         self.output = str(self.config["output"])
-        component = pipe.bundle.manifest.component("text_encoder")
-        outputs = [t.name for t in component.outputs]
-        if self.output not in outputs:
-            raise self.bad_config(f"needs the text_encoder graph output {self.output!r} (the fused classifier), "
-                                  f"but the graph has only {', '.join(outputs)}: rebuild with `python -m export "
-                                  "build ... --guards safeguider`")
+        self.graph = self.config.get("graph")
+        # (tokenizer name, text-stage graph, tokenizer) of each text stage (SDXL: two), as the pipeline runs them
+        self.stages = getattr(pipe, "tokenizers", None) or [("tokenizer", "text_encoder", pipe.tokenizer)]
+        manifest = pipe.bundle.manifest
+        if self.graph is None:
+            self.eos_keys = ["eos"]
+            outputs = [t.name for t in manifest.component("text_encoder").outputs]
+            if self.output not in outputs:
+                raise self.bad_config(f"needs the text_encoder graph output {self.output!r} (the fused classifier), "
+                                      f"but the graph has only {', '.join(outputs)}: rebuild with `python -m export "
+                                      "build ... --guards safeguider`")
+        else:
+            self.eos_keys = [str(k) for k in self.config["inputs"]]
+            have = ["eos" if i == 0 else f"eos_{i + 1}" for i in range(len(self.stages))]
+            if self.graph not in pipe.engines or self.eos_keys != have:
+                raise self.bad_config(f"needs the graph {self.graph!r} over {', '.join(have)} (the classifier over "
+                                      f"every text stage's EOS): rebuild with `python -m export build ... --guards "
+                                      "safeguider`")
         limit = int(self.config.get("max_batch") or 0) or 1 << 30
-        profile = component.profiles.get("input_ids") if component.profiles else None
-        if profile and profile.get("max"):
-            limit = min(limit, int(profile["max"][0]))
+        components = [manifest.component(graph) for _, graph, _ in self.stages]
+        if self.graph is not None:
+            components.append(manifest.component(self.graph))
+        for component in components:
+            profile = next(iter(component.profiles.values()), None) if component.profiles else None
+            if profile and profile.get("max"):
+                limit = min(limit, int(profile["max"][0]))
         self.max_batch = max(1, limit)
-        self.cut_ok = isinstance(component.inputs[0].shape[1], str)  # symbolic sequence axis (see encode)
+        # symbolic sequence axis in every text stage (see encode)
+        self.cut_ok = all(isinstance(c.inputs[0].shape[1], str) for c in components[:len(self.stages)])
 
     # -- text-stage scoring ---------------------------------------------------------------------------------
 
     def encode(self, prompts: list[str], cut: bool = False) -> dict[str, np.ndarray]:
-        """Every text-stage output for ``prompts``, in chunks of at most ``max_batch`` rows.
+        """Every text-stage output for ``prompts``, in chunks of at most ``max_batch`` rows, keyed as in
+        ``ctx.text`` (SDXL: the second stage's with the suffix ``_2``), with ``safe_score`` also for SDXL (the
+        ``safeguider`` graph on the chunk's EOS embeddings).
 
-        ``cut``: feed only the positions up to the last row's first EOS when the graph's sequence axis is
+        ``cut``: feed only the positions up to the last row's first EOS when the graphs' sequence axis is
         symbolic. The text encoder's attention is causal, so ``eos`` and the fused ``safe_score`` are exactly those
         of the full rows (``hidden`` is then shorter: never feed it to the UNet). Candidates are shorter than the
         prompt they come from, so this removes the padding's share of the search's FLOPs."""
-        engine = self.pipe.engines["text_encoder"]
-        ids = self.pipe.tokenizer(prompts).input_ids
-        if cut and self.cut_ok:
-            first_eos = (ids == self.pipe.tokenizer.eos_id).argmax(axis=1)
-            ids = np.ascontiguousarray(ids[:, :int(first_eos.max()) + 1])
-        parts = [engine.infer({"input_ids": ids[i:i + self.max_batch]}) for i in range(0, len(ids), self.max_batch)]
+        ids_of = []
+        for _, _, tok in self.stages:
+            ids = tok(prompts).input_ids
+            if cut and self.cut_ok:
+                first_eos = (ids == tok.eos_id).argmax(axis=1)
+                ids = np.ascontiguousarray(ids[:, :int(first_eos.max()) + 1])
+            ids_of.append(ids)
+        parts = []
+        for i in range(0, len(prompts), self.max_batch):
+            out: dict[str, np.ndarray] = {}
+            for k, ((_, graph, _), ids) in enumerate(zip(self.stages, ids_of)):
+                suffix = "" if k == 0 else f"_{k + 1}"
+                got = self.pipe.engines[graph].infer({"input_ids": ids[i:i + self.max_batch]})
+                out.update({f"{key}{suffix}": v for key, v in got.items()})
+            if self.graph is not None:
+                out[self.output] = self.score(out)
+            parts.append(out)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def score(self, text: dict[str, np.ndarray]) -> np.ndarray:
+        """SDXL: the ``safeguider`` graph's safe scores of every row of ``text`` (``eos``, ``eos_2``)."""
+        feeds = {k: np.ascontiguousarray(text[k], dtype=np.float32) for k in self.eos_keys}
+        return self.pipe.engines[self.graph].infer(feeds)[self.output]
+
+    def eos(self, text: dict[str, np.ndarray]) -> np.ndarray:
+        """The EOS embedding the classifier reads (SDXL: both encoders' concatenated), every row."""
+        return np.concatenate([np.asarray(text[k], np.float32) for k in self.eos_keys], axis=-1)
 
     def search(self, prompt: str, original_score: float, original_eos: np.ndarray) -> tuple[SearchResult, dict]:
         """The batched beam search; also returns the text-stage outputs of the final prompt (one row each)."""
@@ -199,7 +246,7 @@ class SafeGuider(Guard):
         def score_batch(prompts: list[str]):
             out = self.encode(prompts, cut=True)
             calls[0] += -(-len(prompts) // self.max_batch)
-            return out[self.output], out["eos"]
+            return out[self.output], self.eos(out)
 
         c = self.config
         result = beam_search(prompt, score_batch, original_score, original_eos, beam_width=int(c["beam_width"]),
@@ -216,6 +263,8 @@ class SafeGuider(Guard):
 
     def on_text(self, ctx: GuardContext) -> None:
         row = ctx.prompt_row
+        if self.graph is not None:  # SDXL: score every row with the classifier's own graph
+            ctx.text[self.output] = self.score(ctx.text)
         if self.output not in ctx.text:
             raise KeyError(f"text stage gave no {self.output!r} output")
         score = float(ctx.text[self.output][row])
@@ -238,7 +287,7 @@ class SafeGuider(Guard):
     def rewrite(self, ctx: GuardContext, report: dict, score: float) -> None:
         """Search mode: the prompt row becomes the search's final prompt (or the image is refused)."""
         row = ctx.prompt_row
-        result, final = self.search(ctx.prompt, score, ctx.text["eos"][row])
+        result, final = self.search(ctx.prompt, score, self.eos(ctx.text)[row])
         report.update(verdict="unsafe", action="searched", words_removed=result.words_removed,
                       final_prompt=result.prompt, final_score=round(result.score, 6),
                       similarity=round(result.similarity, 6), outcome=result.outcome,
@@ -256,7 +305,7 @@ class SafeGuider(Guard):
                     ctx.text[key][row] = final[key]
 
     def parts(self) -> set[str]:
-        return {self.output}
+        return {self.output} if self.graph is None else {self.graph}
 
     def summary(self, report: dict) -> str:
         if report.get("verdict") == "safe":

@@ -11,6 +11,9 @@ Per image of the batch (rows of the conditional half), independently:
 - a fired row's conditional embedding is replaced by the graph's ``redirected`` output of the detection call
   for this and every later step (computed once, not recomputed: the redirection reads only the prompt, so a
   later check would give the same embedding, and no check runs after the last row has fired);
+- SDXL (the graph has a ``pooled`` input): the check also feeds the conditional rows' ``text_embeds``, and a
+  fired row's ``text_embeds`` is replaced by the graph's ``redirected_pooled`` of the same call, like its
+  ``encoder_hidden_states``;
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
@@ -54,6 +57,8 @@ class SafeRedir(Guard):
         if self.graph not in pipe.engines:
             raise self.bad_config(f"the bundle has no {self.graph!r} graph: rebuild it with `python -m export build "
                                   "... --guards saferedir`")
+        # SDXL: the graph redirects the pooled text_embeds too (export/guards/saferedir.py)
+        self.pooled = "pooled" in {t.name for t in pipe.bundle.manifest.component(self.graph).inputs}
 
     def on_text(self, ctx: GuardContext) -> None:
         ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0, "forced_by": ctx.flagged_by,
@@ -62,6 +67,7 @@ class SafeRedir(Guard):
                                            "mask": None, "scale": None} for _ in range(ctx.batch)]}
         st = ctx.state_of(self.name)
         st["redirected"] = None   # (batch, L, D) conditional rows to feed, once any fired
+        st["redirected_pooled"] = None  # SDXL: (batch, P) conditional text_embeds rows, likewise
         st["fired"] = np.zeros(ctx.batch, bool)
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,14 +79,23 @@ class SafeRedir(Guard):
             ehs = ctx.feeds["encoder_hidden_states"].copy()
             ehs[ctx.cond_rows] = st["redirected"]
             feeds = {"encoder_hidden_states": ehs}
+            if st["redirected_pooled"] is not None:
+                pooled = ctx.feeds["text_embeds"].copy()
+                pooled[ctx.cond_rows] = st["redirected_pooled"]
+                feeds["text_embeds"] = pooled
         return feeds
 
     def _check(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray, rep: dict) -> None:
         cond = ctx.feeds["encoder_hidden_states"][ctx.cond_rows]
-        out = self.pipe.engines[self.graph].infer({
-            "latent": np.ascontiguousarray(x, dtype=np.float32), "timestep": np.array([t], dtype=np.float32),
-            "prompt_embeds": np.ascontiguousarray(cond, dtype=np.float32)})
-        for name in ("logits", "redirected", "mask", "scale"):  # backends check too; never trust a NaN
+        feeds = {"latent": np.ascontiguousarray(x, dtype=np.float32), "timestep": np.array([t], dtype=np.float32),
+                 "prompt_embeds": np.ascontiguousarray(cond, dtype=np.float32)}
+        outputs = ("logits", "redirected", "mask", "scale")
+        if self.pooled:
+            pooled = ctx.feeds["text_embeds"][ctx.cond_rows]
+            feeds["pooled"] = np.ascontiguousarray(pooled, dtype=np.float32)
+            outputs += ("redirected_pooled",)
+        out = self.pipe.engines[self.graph].infer(feeds)
+        for name in outputs:  # backends check too; never trust a NaN
             if not np.all(np.isfinite(out[name])):
                 raise GuardError(f"guard saferedir: graph {self.graph!r} output {name!r} is not finite at step "
                                  f"{i}: no image written (fail closed)")
@@ -99,6 +114,10 @@ class SafeRedir(Guard):
                 if st["redirected"] is None:
                     st["redirected"] = np.array(cond, dtype=np.float32, copy=True)
                 st["redirected"][r] = out["redirected"][r]
+                if self.pooled:
+                    if st["redirected_pooled"] is None:
+                        st["redirected_pooled"] = np.array(pooled, dtype=np.float32, copy=True)
+                    st["redirected_pooled"][r] = out["redirected_pooled"][r]
                 row.update(triggered=True, detection_step=int(i),
                            mask=[round(float(v), 3) for v in out["mask"][r]],
                            scale=[round(float(v), 3) for v in out["scale"][r]])

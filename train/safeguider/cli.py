@@ -2,6 +2,7 @@
 
     python -m train safeguider --model models/tinyworld --out models/guards/tinyworld/safeguider
     python -m train safeguider --model /models/sd15 --csv prompts.csv --out models/guards/sd15/safeguider
+    python -m train safeguider --model /models/sdxl --csv prompts.csv --out models/guards/sdxl/safeguider  # both EOS
     accelerate launch --num_processes 2 --cpu -m train safeguider --model ... --out ...
 """
 
@@ -60,7 +61,7 @@ def main(args) -> int:
     from export.families import BackboneError, load_backbone
     from train.loop import setup
 
-    from .data import csv_prompts, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
+    from .data import csv_prompts, encoder_widths, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
     from .train import fit
 
     accelerator = setup(args.seed, threads=1)
@@ -94,7 +95,7 @@ def main(args) -> int:
             "deletion_variants": augmented, "adversarial_variants": adversarial}
     log = fit(accelerator, tx, ty, vx, vy, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
               momentum=args.momentum, seed=args.seed, resume=args.resume, meta=meta,
-              checks={name: tensors(rs) for name, rs in checks.items()})
+              checks={name: tensors(rs) for name, rs in checks.items()}, encoder_widths=encoder_widths(backbone))
     print(f"safeguider: train acc {log['train'].get('accuracy', 0):.4f}, val acc {log['val'].get('accuracy', 0):.4f} "
           f"({len(val_rows)} held-out prompts)" + "".join(f", {name} acc {log[name].get('accuracy', 0):.4f}"
                                                           for name in checks) + f" -> {args.out}")

@@ -8,7 +8,9 @@ Sources:
   README.md for building one from I2P (unsafe) and COCO-30k (benign) in ``../shared/datasets/``.
 
 The embedding is the text stage's ``eos`` output (:class:`export.graphs.TextStage`): the final-layer-normed
-hidden state at the first EOS token, exactly what the fused head sees in the bundle.
+hidden state at the first EOS token, exactly what the fused head sees in the bundle. SDXL: both encoders'
+``eos`` concatenated, ``[eos(text_encoder), eos(text_encoder_2)]``, exactly what the bundle's ``safeguider``
+graph reads (export/guards/safeguider.py).
 """
 
 from __future__ import annotations
@@ -151,16 +153,25 @@ def split(rows: list[tuple[str, int]], val_fraction: float, seed: int = 0):
 
 @torch.no_grad()
 def eos_embeddings(backbone, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    """(N, D) float32: the first text encoder's ``eos`` output for each prompt."""
+    """(N, D) float32: each text encoder's ``eos`` output for each prompt, concatenated in encoder order (one
+    encoder: its ``eos``; SDXL: D = D1 + D2)."""
     from export.graphs import TextStage
 
-    spec = backbone.text_encoders[0]
-    tokenizer = getattr(backbone.pipeline, spec.tokenizer_name)
-    stage = TextStage(getattr(backbone.pipeline, spec.name), eos_id=spec.eos_id, penultimate=False,
-                      pooled=False).eval()
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = tokenizer(prompts[i:i + batch], padding="max_length", max_length=spec.max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        out.append(stage(ids.to(torch.int32))[1].float())
-    return torch.cat(out) if out else torch.zeros(0, spec.hidden_size)
+    parts = []
+    for spec in backbone.text_encoders:
+        tokenizer = getattr(backbone.pipeline, spec.tokenizer_name)
+        stage = TextStage(getattr(backbone.pipeline, spec.name), eos_id=spec.eos_id, penultimate=False,
+                          pooled=False).eval()
+        out = []
+        for i in range(0, len(prompts), batch):
+            ids = tokenizer(prompts[i:i + batch], padding="max_length", max_length=spec.max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out.append(stage(ids.to(torch.int32))[1].float())
+        parts.append(torch.cat(out) if out else torch.zeros(0, spec.hidden_size))
+    return torch.cat(parts, dim=-1)
+
+
+def encoder_widths(backbone) -> list[int] | None:
+    """The per-encoder EOS widths recorded in the classifier's config: None for one encoder (SD 1.x / 2.x)."""
+    widths = [spec.hidden_size for spec in backbone.text_encoders]
+    return widths if len(widths) > 1 else None

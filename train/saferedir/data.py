@@ -8,6 +8,10 @@ the backbone's own generations and the user's prompt lists; nothing here imports
   family), the unsafe prompt's embedding and the safe prompt's;
 - step-0 text samples: prompts of the whole lists (``text.jsonl``, beyond the generated ones) with fresh noise.
 
+SDXL: the embedding is both encoders' penultimate hidden states side by side (``encode_sdxl``: what the UNet
+cross-attends to), and the arrays gain ``traj_pooled``, ``pair_pooled``, ``pair_cf_pooled`` (encoder 2's pooled
+``text_embeds`` of the same prompts) for the pooled head and the stage-2 UNet calls.
+
 :func:`build` returns the same arrays as :func:`train.saferedir.renderer.build` (the ``--renderer`` comparison),
 cached under ``--cache`` keyed by the data folder's ``data.json`` hash.
 """
@@ -20,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from train.data.load import Data, check_backbone, load_data
-from train.encode import encode_prompts, vae_latents
+from train.encode import encode_prompts, encode_sdxl, is_sdxl, vae_latents
+
+
+def _embed(pipe, prompts: list[str]) -> dict[str, np.ndarray]:
+    """``{"emb": (N, L, D)}`` as the UNet cross-attends to it; SDXL also ``{"pooled": (N, P)}``."""
+    if not is_sdxl(pipe):
+        return {"emb": encode_prompts(pipe, prompts).numpy().astype(np.float32)}
+    hidden, pooled = encode_sdxl(pipe, prompts)
+    return {"emb": hidden.numpy().astype(np.float32), "pooled": pooled.numpy().astype(np.float32)}
 
 
 def _cached(path: Path, make) -> dict[str, np.ndarray]:
@@ -47,16 +59,20 @@ def build(pipe, data: Data, cache: Path, n_prompts: int | None, n_pairs: int | N
         unsafe = [p["prompt"] for p in data.pairs[:n_u]]
         prompts = safe + unsafe
         pairs = [data.pairs[i] for i in kept]
+        traj, pair = _embed(pipe, prompts), _embed(pipe, [p["prompt"] for p in pairs])
+        cf = _embed(pipe, [p["safe_prompt"] for p in pairs])
         return {"traj_x": np.concatenate([data.benign_traj_x[:n_b], data.traj_x[:n_u]]),
                 "traj_t": data.traj_t.astype(np.float32),
-                "traj_emb": encode_prompts(pipe, prompts).numpy().astype(np.float32),
+                "traj_emb": traj["emb"],
                 "traj_label": np.array([0] * n_b + [1] * n_u, np.int64), "traj_prompt": np.array(prompts),
-                "pair_emb": encode_prompts(pipe, [p["prompt"] for p in pairs]).numpy().astype(np.float32),
-                "pair_cf_emb": encode_prompts(pipe, [p["safe_prompt"] for p in pairs]).numpy().astype(np.float32),
+                "pair_emb": pair["emb"],
+                "pair_cf_emb": cf["emb"],
                 "pair_z0": vae_latents(pipe.vae, data.safe[kept]).numpy().astype(np.float32),
                 "pair_prompt": np.array([p["prompt"] for p in pairs]),
                 "pair_cf_prompt": np.array([p["safe_prompt"] for p in pairs]),
-                "uncond_emb": encode_prompts(pipe, [""]).numpy().astype(np.float32)}
+                "uncond_emb": _embed(pipe, [""])["emb"],
+                **({"traj_pooled": traj["pooled"], "pair_pooled": pair["pooled"], "pair_cf_pooled": cf["pooled"]}
+                   if "pooled" in traj else {})}
 
     return _cached(Path(cache) / key, make)
 
@@ -72,7 +88,7 @@ def text_samples(pipe, data: Data, cache: Path, n: int, seed: int) -> tuple[np.n
     safe, unsafe = rng.sample(safe, min(n, len(safe))), rng.sample(unsafe, min(n, len(unsafe)))
     key = f"text_{data.sha256[:16]}_n{n}_s{seed}.npz"
     arrays = _cached(Path(cache) / key, lambda: {
-        "emb": encode_prompts(pipe, safe + unsafe).numpy().astype(np.float32),
+        "emb": _embed(pipe, safe + unsafe)["emb"],
         "label": np.array([0] * len(safe) + [1] * len(unsafe), np.int64)})
     return arrays["emb"], arrays["label"]
 
@@ -83,7 +99,7 @@ class DataSource:
     def __init__(self, args, backbone):
         self.args, self.pipe = args, backbone.pipeline
         self.data = load_data(args.data)
-        check_backbone(self.data, backbone, "saferedir")
+        check_backbone(self.data, backbone, "saferedir", sdxl=True)
 
     def build(self) -> dict[str, np.ndarray]:
         return build(self.pipe, self.data, self.args.cache, self.args.prompts, self.args.pairs)

@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from guards.saferedir import SafeRedir
 from guards.storage import atomic_path
+from runtime.errors import BadInputError
+from train.encode import sdxl_time_ids
 from train.loop import resume, save_checkpoint, setup
 
 from .losses import classifier_loss, redirect_loss
@@ -31,10 +33,14 @@ def fit(args, source_class) -> dict:
     backbone = load_backbone(args.model)
     pipe = backbone.pipeline
     unet = pipe.unet.eval().requires_grad_(False)
-    for m in (pipe.text_encoder, pipe.vae):
-        m.eval().requires_grad_(False)
+    for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
+        if m is not None:
+            m.eval().requires_grad_(False)
     t0 = time.perf_counter()
     source = source_class(args, backbone)
+    if backbone.family == "sdxl" and getattr(args, "renderer", False):
+        raise BadInputError("saferedir --renderer: tinyworld's renderer path is SD 1.x only; train an SDXL "
+                            "backbone from --data (`python -m train data --model ...`)")
     with acc.main_process_first():
         d = source.build()
     data_s = time.perf_counter() - t0
@@ -85,6 +91,9 @@ def fit(args, source_class) -> dict:
                                                 if not n_.startswith(SafeRedir.CLASSIFIER_PREFIXES)])]
     benign_pool = torch.nonzero(labels[train_idx] == 0)[:, 0]
     z0, e_u, e_cf = (torch.from_numpy(d[k]) for k in ("pair_z0", "pair_emb", "pair_cf_emb"))
+    sdxl = "traj_pooled" in d  # SDXL: the pooled text_embeds are redirected and fed too (losses.py)
+    if sdxl:
+        p_traj, p_u, p_cf = (torch.from_numpy(d[k]) for k in ("traj_pooled", "pair_pooled", "pair_cf_pooled"))
     alphas = pipe.scheduler.alphas_cumprod.float()
     metrics = {"data_seconds": round(data_s, 1), **source.describe(d)}
     for stage, total, lr, params in stages:
@@ -107,10 +116,13 @@ def fit(args, source_class) -> dict:
             else:
                 i = torch.randint(0, len(z0), (args.gen_batch,), generator=g)
                 j = train_idx[benign_pool[torch.randint(0, len(benign_pool), (args.gen_batch,), generator=g)]]
-                both = wrapped(None, None, torch.cat([e_u[i], emb[j]]), part="redirect")
+                pooled = torch.cat([p_u[i], p_traj[j]]) if sdxl else None
+                both = wrapped(None, None, torch.cat([e_u[i], emb[j]]), pooled, part="redirect")
                 out_u = tuple(o[: args.gen_batch] for o in both)
                 out_b = tuple(o[args.gen_batch:] for o in both)
-                loss, info = redirect_loss(unet, out_u, out_b, emb[j], z0[i], e_cf[i], alphas, g, WEIGHTS)
+                added = ({"time_ids": sdxl_time_ids(pipe, len(i), z0.shape[-1] * pipe.vae_scale_factor),
+                          "pooled_benign": p_traj[j], "pooled_cf": p_cf[i]} if sdxl else None)
+                loss, info = redirect_loss(unet, out_u, out_b, emb[j], z0[i], e_cf[i], alphas, g, WEIGHTS, added)
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
@@ -125,7 +137,9 @@ def fit(args, source_class) -> dict:
 
     if acc.is_main_process:
         metrics.update(_validate_classifier(model, xs, ts, emb, labels, val_idx, args.threshold))
-        metrics.update(_validate_redirect(model, unet, z0, e_u, emb[train_idx[benign_pool]], alphas))
+        pooled = (p_u, p_traj[train_idx[benign_pool]], sdxl_time_ids(pipe, 1, z0.shape[-1] * pipe.vae_scale_factor)
+                  ) if sdxl else None
+        metrics.update(_validate_redirect(model, unet, z0, e_u, emb[train_idx[benign_pool]], alphas, pooled))
         model.save_pretrained(args.out)
         with atomic_path(Path(args.out) / "train_log.json") as tmp:
             tmp.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "func"},
@@ -153,18 +167,25 @@ def _validate_classifier(model, xs, ts, emb, labels, val_idx, threshold) -> dict
 
 
 @torch.no_grad()
-def _validate_redirect(model, unet, z0, e_u, e_b, alphas, n: int = 64) -> dict:
+def _validate_redirect(model, unet, z0, e_u, e_b, alphas, pooled=None, n: int = 64) -> dict:
+    """``pooled``: SDXL, (unsafe pooled, benign pooled, time_ids (1, 6))."""
     g = torch.Generator().manual_seed(1234)
     i = torch.arange(min(n, len(z0)))
-    red, mask, scale = model.redirect(e_u[i])
-    _, mask_b, _ = model.redirect(e_b[: len(i)])
+    out = model.redirect(e_u[i], pooled[0][i] if pooled else None)
+    red, mask, scale = out[:3]
+    mask_b = model.redirect(e_b[: len(i)], pooled[1][: len(i)] if pooled else None)[1]
     t = torch.randint(0, len(alphas), (len(i),), generator=g)
     noise = torch.randn(z0[i].shape, generator=g)
     from .losses import noised
 
+    def added(p):
+        return {"added_cond_kwargs": {"text_embeds": p, "time_ids": pooled[2].expand(len(p), -1)}} if pooled else {}
+
     z_t = noised(z0[i], noise, t, alphas)
-    dm_red = torch.nn.functional.mse_loss(unet(z_t, t, encoder_hidden_states=red).sample, noise).item()
-    dm_orig = torch.nn.functional.mse_loss(unet(z_t, t, encoder_hidden_states=e_u[i]).sample, noise).item()
+    dm_red = torch.nn.functional.mse_loss(unet(z_t, t, encoder_hidden_states=red,
+                                               **added(out[3] if pooled else None)).sample, noise).item()
+    dm_orig = torch.nn.functional.mse_loss(unet(z_t, t, encoder_hidden_states=e_u[i],
+                                                **added(pooled[0][i] if pooled else None)).sample, noise).item()
     return {"dm_safe_target_redirected": round(dm_red, 5), "dm_safe_target_original": round(dm_orig, 5),
             "mask_mean_unsafe": round(mask.mean().item(), 4), "mask_mean_benign": round(mask_b.mean().item(), 4),
             "scale_mean_unsafe": round(scale.mean().item(), 4)}
