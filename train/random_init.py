@@ -86,20 +86,21 @@ def main(args) -> int:
     unet = backbone.unet
     provenance = {"random_init": {"model": str(args.model), "force": args.force, "seed": args.seed}}
     if args.guard == "safepatch":
-        from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save
+        from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save, text_dim
 
-        config = SafePatchConfig.for_unet(unet, backbone.text_encoders[0].hidden_size, training=provenance)
+        config = SafePatchConfig.for_unet(unet, text_dim(backbone), training=provenance)
         patch, gate = SafePatch.from_unet(unet, config), SafePatchGate(config)
         if args.force:
             _force_gate(gate, args.force == "on")
         save(patch, gate, args.out)
         size = f"{patch.num_parameters():,} patch parameters"
     else:
-        from guards.safectrl import SafeCtrl, SafeCtrlConfig
+        from guards.safectrl import SafeCtrl, default_layers
 
-        attn = dict(unet.named_modules())[SafeCtrlConfig.detect_layer.rsplit(".processor", 1)[0]]
-        safectrl = SafeCtrl.for_unet(unet, feature_dim=attn.to_q.in_features + attn.to_v.out_features,
-                                     training=provenance)
+        detect, _ = default_layers(unet)  # SafeCtrlConfig's detect layer where the UNet has it, else its first attn2
+        attn = dict(unet.named_modules())[detect.rsplit(".processor", 1)[0]]
+        safectrl = SafeCtrl.for_unet(unet, detect_layer=detect, feature_dim=attn.to_q.in_features
+                                     + attn.to_v.out_features, training=provenance)
         if args.force:
             _force_mask(safectrl.uab, args.force == "on")
         safectrl.save_pretrained(args.out)
