@@ -102,7 +102,8 @@ def export_patch(backbone, patch: SafePatch, out_path: Path, *, height=None, wid
     args = tuple(dummy(spec) for spec in inputs)
     metadata = {"graph": GRAPH, "fp16": "allowed", "params": str(patch.num_parameters())}
     multiple = unet_multiple(backbone.unet)
-    return _export_graph(backbone, GRAPH, PatchGraph(patch.eval()), args, inputs, outputs, out_path, sizes=sizes,
+    module = PatchGraph(patch.eval()) if backbone.family == "sdxl" else patch.eval()  # SD 1.x: the graph as before
+    return _export_graph(backbone, GRAPH, module, args, inputs, outputs, out_path, sizes=sizes,
                          exporter=exporter, opset=opset, metadata=metadata, progress=progress,
                          multiples={"h": multiple, "w": multiple})
 
