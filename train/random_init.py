@@ -13,7 +13,12 @@ bench-sd15-guards``). Initialisation as published:
   conv (the patched UNet equals the base UNet); gate head ``SafePatchGate`` default-initialised.
 - **safectrl**: ``SafeCtrl.for_unet``: a Safety Guidance processor on every ``attn2`` with ``W_K'``, ``W_V'``
   copied from the layer's ``W_K``, ``W_V``; the Unsafe Attention Block default-initialised, its
-  ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet.
+  ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet
+  (``detect_layer``: ``guards.safectrl.default_layers``, the config's where the UNet has it, else its first attn2).
+
+SDXL backbones work the same way: SafePatch's clone takes the UNet's ``text_time`` embedding and reads text
+``cross_attention_dim`` wide (both encoders side by side, ``guards.safepatch.text_dim``); SafeCtrl sits on SDXL's
+attn2 layers (every one of them here; the trainer's default blends only the mirror up level).
 
 ``--force`` (measurement only): with a random text encoder, whether the gate fires or the mask passes its
 threshold would be arbitrary per prompt, so it can be pinned. Graph shapes and operations are unchanged;
