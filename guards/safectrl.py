@@ -80,6 +80,32 @@ class SafeCtrlConfig(GuardConfig):
     blend_layers: list = field(default_factory=list)  # attn2 processor names with W_K'/W_V' ([]: every attn2)
 
 
+def default_layers(unet: nn.Module) -> tuple[str, list[str]]:
+    """``(detect_layer, blend-layer prefixes)`` for ``unet``: the config's ``detect_layer`` when the UNet has it (its
+    first cross-attention layer at 1/2 latent resolution on tinyworld, SD 1.x/2.x and SDXL alike), else the first
+    attn2. Blend layers, SD 1.x / 2.x: ``up_blocks.1`` (tinyworld's choice, unchanged). SDXL (``text_time`` UNets):
+    the up-path level mirroring the detect layer's down level, i.e. the cross-attention layers at the detect layer's
+    resolution on the way up (real SDXL: ``up_blocks.1``, 3 x 2 attn2 at 1/2 resolution, not ``up_blocks.0``'s
+    3 x 10 at 1/4; the tiny fixture: ``up_blocks.0``). Why: the blend acts where the mask is read, at the finest
+    cross-attention level, and measured on an H200 at 1024 px SDXL on ``up_blocks.1`` only costs 1.016x the plain
+    UNet per step against 1.088x on every attn2 (bench/results/gpu_guard_overhead_h200.md)."""
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    modules = dict(unet.named_modules())
+    detect = SafeCtrlConfig.detect_layer
+    if detect.rsplit(".processor", 1)[0] not in modules:
+        detect = cross[0]
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return detect, ["up_blocks.1"]
+    if not detect.startswith("down_blocks."):
+        return detect, [detect.split(".attentions.")[0]]
+    level = int(detect.split(".")[1])
+    mirror = f"up_blocks.{len(unet.up_blocks) - 1 - level}"
+    if not any(n.startswith(mirror + ".") for n in cross):
+        raise ValueError(f"SafeCtrl: {mirror} (the up level mirroring {detect}) has no cross-attention layer: pass "
+                         "the blend layers explicitly")
+    return detect, [mirror]
+
+
 def _safe_name(layer: str) -> str:
     return layer.replace(".", "__")
 

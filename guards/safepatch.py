@@ -16,6 +16,18 @@ Two modules, saved together as ``config.json`` + ``model.safetensors`` (keys ``p
 
 In the bundle (``export/guards/safepatch.py``) the gate is a head of the text stage and the patch its own
 graph feeding the denoise graph's residual inputs (no duplicated UNet weights).
+
+**SDXL** (a UNet with ``addition_embed_type="text_time"``): the clone also copies ``add_time_proj`` /
+``add_embedding`` and takes the UNet's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``), as diffusers' SDXL
+ControlNet does. The text the patch and the gate read is what the UNet itself cross-attends to: both text
+encoders' ``hidden_states[-2]`` side by side, ``text_dim = cross_attention_dim`` (2048 on real SDXL; see
+:func:`text_dim`). The instruction is encoded the same way (both text stages, concatenated). The gate reads those
+concatenated token states and the two encoders' EOS embeddings concatenated (768 + 1280 = 2048 on real SDXL, the
+same width): why not one encoder's alone: the UNet is conditioned on both, and an unsafe word the first encoder
+represents weakly can still steer the image through the second (the bigger one on real SDXL); why EOS rather than
+the projected ``pooled`` output: EOS is what the SD 1.x gate reads (the same head shape on every family) and it
+carries the first encoder too. On SDXL the gate therefore cannot be a head of ONE text stage: in the bundle it
+is its own small graph run on the two stages' outputs (``export/guards/safepatch.py``).
 """
 
 from __future__ import annotations
@@ -53,10 +65,23 @@ class SafePatchConfig(GuardConfig):
     storage_dtype: str = "float32"                # how model.safetensors stores the weights (set by save)
     trained_steps: int = 0
 
+    @property
+    def text_time(self) -> bool:
+        """The cloned UNet is SDXL-style (``text_time`` added conditioning; text = both encoders concatenated)."""
+        return self.unet_config.get("addition_embed_type") == "text_time"
+
     @classmethod
     def for_unet(cls, unet, text_dim: int, **settings) -> "SafePatchConfig":
         return cls.from_dict({"unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
                               "text_dim": int(text_dim), **settings})
+
+
+def text_dim(backbone) -> int:
+    """The width of the text SafePatch reads on ``backbone``: the first text encoder's hidden size (SD 1.x / 2.x),
+    SDXL's ``cross_attention_dim`` (both encoders' hidden states side by side, module docstring)."""
+    if getattr(backbone.unet.config, "addition_embed_type", None) == "text_time":
+        return int(backbone.unet.config.cross_attention_dim)
+    return int(backbone.text_encoders[0].hidden_size)
 
 
 class SafePatchGate(nn.Module):

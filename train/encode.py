@@ -1,7 +1,15 @@
-"""The backbone's own encoders as every guard trainer feeds them (SD 1.x / 2.x: one CLIP text encoder).
+"""The backbone's own encoders as every guard trainer feeds them (SD 1.x / 2.x: one CLIP text encoder; SDXL: two).
 
 - :func:`encode_prompts`: prompts -> (N, L, D) text-encoder hidden states, padded to the tokenizer's
-  ``model_max_length``, as the pipeline feeds the UNet (``last_hidden_state``);
+  ``model_max_length``, as the pipeline feeds the UNet (``last_hidden_state``). SDXL: the UNet's whole text
+  conditioning packed in ONE tensor (N, L + 1, D), D = ``cross_attention_dim``: rows 0..L-1 are both encoders'
+  ``hidden_states[-2]`` side by side (``StableDiffusionXLPipeline.encode_prompt``, what the bundle's denoise graph
+  gets as ``encoder_hidden_states``), row L is the second encoder's pooled ``text_embeds`` zero-padded to D. Why
+  packed: every trainer indexes, concatenates and caches "the prompt embedding" as one tensor; packing keeps that
+  code the same for SD 1.x and SDXL, and :func:`unet_call` unpacks it where the UNet is called;
+- :func:`split_conditioning`: packed conditioning -> ``encoder_hidden_states`` and SDXL's ``added_cond_kwargs``
+  (``text_embeds``, ``time_ids = (H, W, 0, 0, H, W)`` of the latent's pixel size, as the runtime feeds them);
+- :func:`unet_call`: ``unet`` itself for SD 1.x / 2.x; for SDXL a callable with the UNet's signature that unpacks;
 - :func:`vae_latents`: (N, H, W, 3) uint8 images -> scaled VAE latents (posterior mean x ``scaling_factor``).
 - :func:`encode_sdxl` (SDXL backbones): prompts -> (hidden (N, L, D1 + D2), pooled (N, P)), exactly what
   ``StableDiffusionXLPipeline.encode_prompt`` (and the lean runtime) feed the UNet as ``encoder_hidden_states``
@@ -14,14 +22,77 @@ import numpy as np
 import torch
 
 
+def is_text_time(unet) -> bool:
+    """An SDXL-style UNet: ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) on every call."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
+    if is_text_time(pipe.unet):
+        return _encode_sdxl(pipe, prompts, batch)
     tok, out = pipe.tokenizer, []
     for i in range(0, len(prompts), batch):
         ids = tok(list(prompts[i:i + batch]), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         out.append(pipe.text_encoder(ids)[0])
     return torch.cat(out)
+
+
+def _encode_sdxl(pipe, prompts: list[str], batch: int) -> torch.Tensor:
+    cross = pipe.unet.config.cross_attention_dim
+    out = []
+    for i in range(0, len(prompts), batch):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts[i:i + batch]), device=pipe.unet.device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        if pooled.shape[-1] > cross:
+            raise ValueError(f"pooled text_embeds ({pooled.shape[-1]}) wider than cross_attention_dim ({cross})")
+        row = torch.nn.functional.pad(pooled, (0, cross - pooled.shape[-1]))[:, None]
+        out.append(torch.cat([embeds, row.to(embeds.dtype)], dim=1))
+    if not out:
+        return torch.zeros(0, pipe.tokenizer.model_max_length + 1, cross)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def empty_conditioning(pipe) -> torch.Tensor:
+    """The conditioning of the CFG unconditional row with no negative prompt, (L, D) or SDXL's packed (L + 1, D):
+    the empty prompt's encoding, or zeros where the pipeline has ``force_zeros_for_empty_prompt`` (SDXL; the
+    runtime zeros those rows too)."""
+    if is_text_time(pipe.unet) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return torch.zeros_like(encode_prompts(pipe, [""])[0])
+    return encode_prompts(pipe, [""])[0]
+
+
+def split_conditioning(unet, cond: torch.Tensor, sample: torch.Tensor, vae_scale_factor: int
+                       ) -> tuple[torch.Tensor, dict | None]:
+    """``(encoder_hidden_states, added_cond_kwargs)`` of :func:`encode_prompts`' output for ``unet``; SD 1.x / 2.x:
+    ``(cond, None)``. ``time_ids`` from ``sample``'s latent size x ``vae_scale_factor`` (no crop)."""
+    if not is_text_time(unet):
+        return cond, None
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    h, w = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
+    time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=cond.dtype, device=cond.device).expand(cond.shape[0], 6)
+    return cond[:, :-1], {"text_embeds": cond[:, -1, :pooled], "time_ids": time_ids}
+
+
+class _TextTimeCall:
+    """The SDXL UNet called with packed conditioning (module docstring); every other argument passed through."""
+
+    def __init__(self, unet, vae_scale_factor: int):
+        self.unet, self.f = unet, int(vae_scale_factor)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, **kwargs):
+        ehs, added = split_conditioning(self.unet, encoder_hidden_states, sample, self.f)
+        return self.unet(sample, timestep, encoder_hidden_states=ehs, added_cond_kwargs=added, **kwargs)
+
+
+def unet_call(pipe):
+    """The callable a trainer calls the UNet with: ``pipe.unet`` (SD 1.x / 2.x) or, for SDXL, one that unpacks
+    :func:`encode_prompts`' packed conditioning into ``encoder_hidden_states`` + ``added_cond_kwargs``."""
+    if not is_text_time(pipe.unet):
+        return pipe.unet
+    return _TextTimeCall(pipe.unet, pipe.vae_scale_factor)
 
 
 @torch.no_grad()

@@ -13,10 +13,16 @@ bench-sd15-guards``). Initialisation as published:
   conv (the patched UNet equals the base UNet); gate head ``SafePatchGate`` default-initialised.
 - **safectrl**: ``SafeCtrl.for_unet``: a Safety Guidance processor on every ``attn2`` with ``W_K'``, ``W_V'``
   copied from the layer's ``W_K``, ``W_V``; the Unsafe Attention Block default-initialised, its
-  ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet.
+  ``feature_dim`` (attn2 input channels + attention output channels at ``detect_layer``) read from the UNet
+  (``detect_layer``: ``guards.safectrl.default_layers``, the config's where the UNet has it, else its first attn2).
 - **safeguider**: the published 3-layer MLP on the text encoder's EOS embedding, default-initialised.
 - **saferedir**: ``SafeRedir.for_backbone`` (classifier + delta generator sized from the text width, prompt length
   and latent channels), default-initialised.
+
+SDXL backbones work the same way: SafePatch's clone takes the UNet's ``text_time`` embedding and reads text
+``cross_attention_dim`` wide (both encoders side by side, ``guards.safepatch.text_dim``); SafeCtrl sits on SDXL's
+attn2 layers (every one of them here; the trainer's default blends only the mirror up level); SafeGuider reads
+both encoders' EOS concatenated; SafeRedir gets its pooled head.
 
 ``--force`` (measurement only): with a random text encoder, whether the gate fires or the mask passes its
 threshold would be arbitrary per prompt, so it can be pinned. Graph shapes and operations are unchanged;
@@ -99,7 +105,9 @@ def main(args) -> int:
     if args.guard == "safeguider":
         from guards.safeguider import SafeGuiderClassifier, SafeGuiderConfig
 
-        config = SafeGuiderConfig(hidden_size=backbone.text_encoders[0].hidden_size, training=provenance)
+        widths = [spec.hidden_size for spec in backbone.text_encoders]   # SDXL: both encoders' EOS concatenated
+        config = SafeGuiderConfig(hidden_size=sum(widths), encoder_widths=widths if len(widths) > 1 else None,
+                                  training=provenance)
         model = SafeGuiderClassifier(config)
         if args.force:
             _force_logits(model.fc3, 1 - config.safe_class if args.force == "on" else config.safe_class)
@@ -114,20 +122,21 @@ def main(args) -> int:
         model.save_pretrained(args.out)
         size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
     elif args.guard == "safepatch":
-        from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save
+        from guards.safepatch import SafePatch, SafePatchConfig, SafePatchGate, save, text_dim
 
-        config = SafePatchConfig.for_unet(unet, backbone.text_encoders[0].hidden_size, training=provenance)
+        config = SafePatchConfig.for_unet(unet, text_dim(backbone), training=provenance)
         patch, gate = SafePatch.from_unet(unet, config), SafePatchGate(config)
         if args.force:
             _force_gate(gate, args.force == "on")
         save(patch, gate, args.out)
         size = f"{patch.num_parameters():,} patch parameters"
     else:
-        from guards.safectrl import SafeCtrl, SafeCtrlConfig
+        from guards.safectrl import SafeCtrl, default_layers
 
-        attn = dict(unet.named_modules())[SafeCtrlConfig.detect_layer.rsplit(".processor", 1)[0]]
-        safectrl = SafeCtrl.for_unet(unet, feature_dim=attn.to_q.in_features + attn.to_v.out_features,
-                                     training=provenance)
+        detect, _ = default_layers(unet)  # SafeCtrlConfig's detect layer where the UNet has it, else its first attn2
+        attn = dict(unet.named_modules())[detect.rsplit(".processor", 1)[0]]
+        safectrl = SafeCtrl.for_unet(unet, detect_layer=detect, feature_dim=attn.to_q.in_features
+                                     + attn.to_v.out_features, training=provenance)
         if args.force:
             _force_mask(safectrl.uab, args.force == "on")
         safectrl.save_pretrained(args.out)

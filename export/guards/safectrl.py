@@ -5,6 +5,12 @@ mask ``safectrl_mask_prev (N, 1, h, w)`` and the blend weight made from it, ``sa
 :meth:`~guards.safectrl.SafeCtrl.blend_weight`, computed by the host (``runtime/guards/safectrl.py``) with the
 same float32 operations: fewer graph nodes per step, and an all-zero blend is what lets the runtime run the
 idle graph. The graph outputs ``safectrl_mask = ema * prev + (1 - ema) * M_t``.
+
+SDXL: the same graph contract; the blocks sit on SDXL's attn2 layers (the UNet's text is both encoders side by
+side, ``cross_attention_dim`` wide) as the weights' config names them (defaults, ``guards.safectrl.default_layers``:
+detect on ``down_blocks.1``'s first attn2, blend the up level mirroring it, ``up_blocks.1`` on real SDXL).
+Weights made for another backbone (SD 1.x into an SDXL bundle or the reverse) are refused by :func:`prepare` in
+one line (BadInputError, exit 3) naming the weights' text hidden size and layers and the backbone's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from pathlib import Path
 import torch
 
 from export.graphs import DenoiseExtension, TensorSpec
-from guards.safectrl import SafeCtrl
+from guards.safectrl import SafeCtrl, SafeCtrlConfig
+from guards.storage import load_folder
+from runtime.errors import BadInputError
 
 from . import GuardParts
 
@@ -68,10 +76,42 @@ class SafeCtrlExtension(DenoiseExtension):
         return noise_pred, {STATE_OUTPUT: new}
 
 
+def check_fits(backbone, weights_dir: Path) -> None:
+    """One-line BadInputError when the weights were trained on another backbone: W_K' / W_V' must read this UNet's
+    text width (``cross_attention_dim``), and the detect / blend layers must be attn2 layers of this UNet with the
+    detector's feature width."""
+    config, state = load_folder(weights_dir, SafeCtrlConfig)
+    unet = backbone.unet
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    modules = dict(unet.named_modules())
+    widths = {int(v.shape[1]) for k, v in state.items() if k.endswith(".to_k_safe.weight")}
+    hidden = int(unet.config.cross_attention_dim)
+    layers = [*config.blend_layers, config.detect_layer]
+    missing = [n for n in layers if n not in cross]
+    problem = None
+    if widths and widths != {hidden}:
+        problem = f"hidden size {', '.join(map(str, sorted(widths)))}"
+    elif missing:
+        problem = f"layer {missing[0].rsplit('.processor', 1)[0]}, which is not an attn2 layer of this UNet"
+    else:
+        attn = modules[config.detect_layer.rsplit(".processor", 1)[0]]
+        feat = attn.to_q.in_features + attn.to_v.out_features
+        if int(config.feature_dim) != feat:
+            problem = f"detector feature width {config.feature_dim} (this UNet's {feat} at {config.detect_layer})"
+    if problem is not None:
+        where = f"{len(config.blend_layers)} blend layer(s) from {config.blend_layers[0].split('.attentions')[0]}" \
+            if config.blend_layers else "no blend layer"
+        raise BadInputError(
+            f"--guards safectrl: the weights in {weights_dir} were trained for {problem} ({where}, detect "
+            f"{config.detect_layer.rsplit('.processor', 1)[0]}); the {backbone.family} backbone has hidden size "
+            f"{hidden} (cross_attention_dim): train SafeCtrl for this backbone (`python -m train safectrl --model ...`)")
+
+
 def prepare(backbone, weights_dir: Path, image_hw: tuple[int, int] | None = None) -> GuardParts:
     """``image_hw``: the build's image size in pixels (the mask state has the latent's size); default the
     backbone's native size."""
     unet = backbone.unet
+    check_fits(backbone, weights_dir)
     safectrl = SafeCtrl.from_pretrained(weights_dir, unet)
     safectrl.install(unet)
     f = backbone.vae_scale_factor

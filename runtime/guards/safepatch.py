@@ -18,6 +18,11 @@ probabilities over ``("none", *categories)``); the denoise graph has ControlNet-
   extrapolates from the unpatched unconditional prediction towards the patched conditional one, which is what
   the patch was trained for); ``apply_uncond: true`` runs it on the whole CFG batch with the same instruction.
 
+SDXL bundles (``export/guards/safepatch.py``): the gate is the bundle's ``gate_graph`` (``safepatch_gate``), run in
+``on_text`` on the prompt row's ``hidden`` + ``hidden_2`` and ``eos`` + ``eos_2`` (each pair concatenated); the
+instruction is encoded by both text stages (``hidden`` concatenated, as the UNet's ``encoder_hidden_states``); the
+patch graph also gets the call's ``text_embeds`` and ``time_ids`` rows. Manifest key ``gate_graph`` (SDXL only).
+
 Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched,
 forced_by (the flagging guards when the gate alone would have stayed off, else []).
 """
@@ -47,7 +52,20 @@ class SafePatch(Guard):
                 "instructions": texts_by_name, "apply_uncond": flag, "patch_params": index, "unet_params": index}
 
     def __init__(self, pipe, config: dict[str, Any], **kwargs):
+        gate_graph = None
+        if isinstance(config, dict) and "gate_graph" in config:  # SDXL bundles only (module docstring)
+            config = dict(config)
+            gate_graph = config.pop("gate_graph")
         super().__init__(pipe, config, **kwargs)
+        if gate_graph is not None and (problem := label(gate_graph)) is not None:
+            raise self.bad_config(f"setting gate_graph={gate_graph!r:.60} {problem}")
+        if gate_graph is not None and gate_graph not in pipe.engines:
+            raise self.bad_config(f"the bundle has no {gate_graph!r} graph: rebuild it with `python -m export build "
+                                  "... --guards safepatch`")
+        self.gate_graph = gate_graph
+        # the text stages the instruction goes through: every one of the bundle's (SDXL: two, concatenated)
+        self.text_graphs = [(graph, tok) for _, graph, tok in getattr(pipe, "tokenizers", None)
+                            or [("tokenizer", "text_encoder", pipe.tokenizer)]]
         self.graph = self.config["graph"]
         self.gate_output = self.config["gate_output"]
         self.categories = list(self.config["categories"])
@@ -86,11 +104,13 @@ class SafePatch(Guard):
         return feeds
 
     def instruction_embedding(self, text: str) -> np.ndarray:
-        """(1, L, D) hidden states of ``text`` from the bundle's text encoder (cached per text)."""
+        """(1, L, D) hidden states of ``text`` from the bundle's text encoder(s) (SDXL: both, concatenated on the
+        last axis; cached per text)."""
         emb = self._encoded.get(text)
         if emb is None:
-            ids = self.pipe.tokenizer([text]).input_ids
-            emb = self.pipe.engines["text_encoder"].infer({"input_ids": ids})["hidden"]
+            hidden = [self.pipe.engines[graph].infer({"input_ids": tok([text]).input_ids})["hidden"]
+                      for graph, tok in self.text_graphs]
+            emb = hidden[0] if len(hidden) == 1 else np.ascontiguousarray(np.concatenate(hidden, axis=-1), np.float32)
             emb.setflags(write=False)
             with self._lock:
                 self._encoded[text] = emb
@@ -98,8 +118,20 @@ class SafePatch(Guard):
 
     # -- hooks -------------------------------------------------------------------------------------------
 
+    def gate_probabilities(self, ctx: GuardContext) -> np.ndarray:
+        """The gate's probabilities for the prompt row: the text-stage head's output, or (SDXL) the gate graph on
+        both text stages' outputs."""
+        row = ctx.prompt_row
+        if self.gate_graph is None:
+            return np.asarray(ctx.text[self.gate_output][row], dtype=np.float64)
+        t = ctx.text
+        feeds = {"hidden": np.concatenate([t["hidden"][row:row + 1], t["hidden_2"][row:row + 1]], axis=-1),
+                 "eos": np.concatenate([t["eos"][row:row + 1], t["eos_2"][row:row + 1]], axis=-1)}
+        out = self.pipe.engines[self.gate_graph].infer({k: np.ascontiguousarray(v, np.float32) for k, v in feeds.items()})
+        return np.asarray(out[self.gate_output][0], dtype=np.float64)
+
     def on_text(self, ctx: GuardContext) -> None:
-        probs = np.asarray(ctx.text[self.gate_output][ctx.prompt_row], dtype=np.float64)
+        probs = self.gate_probabilities(ctx)
         score = float(1.0 - probs[0])
         forced_by = ctx.flagged_by if score < self.threshold else []
         active = score >= self.threshold or bool(forced_by)
@@ -130,10 +162,13 @@ class SafePatch(Guard):
         rows = slice(0, n) if (self.apply_uncond or not ctx.cfg) else ctx.cond_rows
         sample = np.ascontiguousarray(np.concatenate([x, x]) if rows.stop - rows.start == 2 * b else x, np.float32)
         m = sample.shape[0]
-        out = self.pipe.engines[self.graph].infer({
-            "sample": sample, "timestep": np.array([t], dtype=np.float32),
-            "encoder_hidden_states": np.ascontiguousarray(enc[rows]),
-            "instruction": np.ascontiguousarray(np.repeat(state["instruction_embedding"], m, axis=0))})
+        feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                 "encoder_hidden_states": np.ascontiguousarray(enc[rows]),
+                 "instruction": np.ascontiguousarray(np.repeat(state["instruction_embedding"], m, axis=0))}
+        for name in ("text_embeds", "time_ids"):  # SDXL: the patch gets the UNet's text_time conditioning rows
+            if name in ctx.feeds:
+                feeds[name] = np.ascontiguousarray(ctx.feeds[name][rows])
+        out = self.pipe.engines[self.graph].infer(feeds)
         feeds = {}
         for spec in self.residuals:
             r = out[spec.name]
@@ -147,7 +182,8 @@ class SafePatch(Guard):
         return feeds
 
     def parts(self) -> set[str]:
-        return {self.graph, self.gate_output, *(t.name for t in self.residuals)}
+        return {self.graph, self.gate_output, *(t.name for t in self.residuals),
+                *((self.gate_graph,) if self.gate_graph else ())}
 
     def summary(self, report: dict) -> str:
         if report.get("forced_by"):

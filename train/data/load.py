@@ -113,12 +113,9 @@ def load_data(folder: str | Path) -> Data:
     return data
 
 
-def check_backbone(data: Data, backbone, trainer: str, sdxl: bool = False) -> None:
+def check_backbone(data: Data, backbone) -> None:
     """Refuse (one-line :class:`BadInputError`) a data folder made for another family, image size or latent
-    width than ``backbone``, one with no kept pair, and SDXL for a ``trainer`` that does not support it yet."""
-    if backbone.family == "sdxl" and not sdxl:
-        raise BadInputError(f"{trainer}: training on an SDXL backbone is not supported yet (it arrives with the "
-                            "sdxl_safe.plan work): train on an SD 1.x / 2.x backbone")
+    width than ``backbone``, and one with no kept pair."""
     made = data.info.get("backbone", {})
     size = [backbone.image_size, backbone.image_size]
     channels = data.info.get("trajectory", {}).get("channels")

@@ -67,10 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncond-prob", type=float, default=0.0,
                    help="share of stage-2 pairs with the empty prompt (only useful with blend_uncond: true, where the "
                         "CFG unconditional row is blended too)")
-    p.add_argument("--blend-layers", default="up_blocks.1",
+    p.add_argument("--blend-layers", default=None,
                    help="the cross-attention layers with a Safety Guidance Block: 'all' or a comma list of module "
-                        "prefixes (default: tinyworld's two up-path layers at 1/2 resolution; each blended layer "
-                        "costs graph time on every blending step)")
+                        "prefixes (default, guards.safectrl.default_layers: up_blocks.1 on SD 1.x / 2.x, tinyworld's "
+                        "two up-path layers at 1/2 resolution; SDXL: the up level mirroring the detect layer, "
+                        "up_blocks.1 on real SDXL; each blended layer costs graph time on every blending step)")
     add_config_options(p, SafeCtrlConfig, {  # run-time settings, written into the config
         "start_step_fraction": "suppression from step ceil(F * steps)",
         "mask_threshold": "tau of the hard threshold",

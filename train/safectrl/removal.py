@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from train.data.judge import open_judge, sha256_of
 from train.data.prompts import read_rules, removal_prompt
-from train.encode import encode_prompts
+from train.encode import encode_prompts, unet_call
 
 
 def inpaint_region(mask_derived: torch.Tensor) -> torch.Tensor:
@@ -45,12 +45,13 @@ def inpaint(pipe, traj_x: torch.Tensor, traj_t: np.ndarray, steps: int, lat_unsa
     scheduler.set_timesteps(steps)
     recorded = len(traj_t) == steps and np.allclose(scheduler.timesteps.numpy().astype(np.float32), traj_t)
     cond, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, negatives)
+    unet = unet_call(pipe)  # SDXL: the packed conditioning unpacked into added_cond_kwargs
     noise = traj_x[:, 0]
     x = noise.clone()
     for s, t in enumerate(scheduler.timesteps):
         known = traj_x[:, s] if recorded else scheduler.add_noise(lat_unsafe, noise, t.expand(len(x)))
         x = region * x + (1 - region) * known
-        eps = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
         eps_u, eps_c = eps.chunk(2)
         x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
     return region * x + (1 - region) * lat_unsafe

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guards.safectrl import DetectorFeaturesReady, SafeCtrl, SafeCtrlConfig
+from guards.safectrl import DetectorFeaturesReady, SafeCtrl, default_layers
 from train.loop import lr_schedule, resume as resume_from, save_checkpoint, setup
 
 
@@ -316,7 +316,7 @@ def run(args) -> dict:
 
     from export.families import load_backbone
     from runtime.errors import BadInputError
-    from train.encode import encode_prompts
+    from train.encode import empty_conditioning, unet_call
 
     t_start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
@@ -331,22 +331,22 @@ def run(args) -> dict:
     acc = setup(args.seed, args.threads)
     backbone = load_backbone(args.model)
     if d is not None:
-        check_backbone(d, backbone, "safectrl")
+        check_backbone(d, backbone)
     elif backbone.family == "sdxl":
-        raise BadInputError("safectrl: training on an SDXL backbone is not supported yet (it arrives with the "
-                            "sdxl_safe.plan work): train on an SD 1.x / 2.x backbone")
+        raise BadInputError("safectrl: --renderer renders tinyworld scenes for an SD 1.x-structured tinyworld; an "
+                            "SDXL backbone trains from a data folder: pass --data (`python -m train data --model`)")
     pipe, unet = backbone.pipeline, backbone.unet
-    for module in (pipe.vae, pipe.text_encoder, unet):
-        module.requires_grad_(False).eval()
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), unet):
+        if module is not None:
+            module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    modules = dict(unet.named_modules())
-    detect = SafeCtrlConfig.detect_layer  # tinyworld's; another UNet layout: its first cross-attention layer
-    if detect.rsplit(".processor", 1)[0] not in modules:
-        detect = next(n for n in unet.attn_processors if ".attn2." in n)
-    attn = modules[detect.rsplit(".processor", 1)[0]]
+    call = unet_call(pipe)  # SDXL: unpacks the packed text_time conditioning of encode_prompts (train/encode.py)
+    detect, default_blend = default_layers(unet)
+    attn = dict(unet.named_modules())[detect.rsplit(".processor", 1)[0]]
+    spec = args.blend_layers if args.blend_layers is not None else ",".join(default_blend)
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
               "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold, "mask_dilate": args.mask_dilate,
-              "blend_layers": blend_layers(unet, args.blend_layers),
+              "blend_layers": blend_layers(unet, spec),
               "detect_layer": detect, "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
     if categories is not None:
         config["categories"] = categories
@@ -385,7 +385,7 @@ def run(args) -> dict:
         if feat_path.is_file():
             feats = torch.load(feat_path, weights_only=False)
         else:
-            feats = feature_set(unet, safectrl, scheduler, pos, fs_draws, neg, args.feature_draws, args.t_max,
+            feats = feature_set(call, safectrl, scheduler, pos, fs_draws, neg, args.feature_draws, args.t_max,
                                 args.seed)
             torch.save(feats, feat_path)
         n_pos = len(pos["lat"]) * fs_draws
@@ -410,7 +410,7 @@ def run(args) -> dict:
         # object); a detector trained on the few-shot set alone ranks the pixels inside it, and keeps the object
         counts0, log = fit_detector(*source.stage1_sets(data), "-fewshot")
         safectrl.eval()
-        pair_masks = refine_masks(unet, safectrl, scheduler, data["pairs"]["lat_unsafe"], data["pairs"]["emb"],
+        pair_masks = refine_masks(call, safectrl, scheduler, data["pairs"]["lat_unsafe"], data["pairs"]["emb"],
                                   data["pairs"]["mask_derived"], args.refine_share)
         safectrl.train()
         record["refined"] = {"fewshot_counts": counts0, "share": args.refine_share,
@@ -427,7 +427,7 @@ def run(args) -> dict:
         mask_eval = source.evaluate_masks(unet, safectrl, scheduler, data)
         tqdm.write(f"stage 1 mask IoU (eval split): {mask_eval['iou']} by group {mask_eval['iou_by_group']}")
     else:
-        mask_eval = evaluate_data_masks(unet, safectrl, scheduler, data)
+        mask_eval = evaluate_data_masks(call, safectrl, scheduler, data)
         tqdm.write(f"stage 1 masks: {json.dumps(mask_eval)}")
     timings["mask_eval_s"] = round(time.perf_counter() - t0, 1)
 
@@ -442,7 +442,7 @@ def run(args) -> dict:
             if mask_path.is_file():
                 blend = torch.load(mask_path, weights_only=False)
             else:
-                blend = detector_blend(unet, safectrl, scheduler, pairs["lat_unsafe"], pairs["emb"])
+                blend = detector_blend(call, safectrl, scheduler, pairs["lat_unsafe"], pairs["emb"])
                 torch.save(blend, mask_path)
         pairs = {**pairs, "mask": blend}
         record["stage2_mask"] = {"kind": args.stage2_mask, "mean_area": round(float((blend > 0).float().mean()), 4),
@@ -453,9 +453,8 @@ def run(args) -> dict:
     timings["stage2_masks_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     if args.stage2_steps > 0:
-        with torch.no_grad():
-            empty_emb = encode_prompts(pipe, [""])[0]
-        log += train_stage2(acc, unet, safectrl, scheduler, pairs, empty_emb, steps=args.stage2_steps,
+        empty_emb = empty_conditioning(pipe)
+        log += train_stage2(acc, call, safectrl, scheduler, pairs, empty_emb, steps=args.stage2_steps,
                             batch=args.stage2_batch, lr=args.stage2_lr, beta=args.beta, sft_weight=args.sft_weight,
                             t_max=args.stage2_t_max, uncond_prob=args.uncond_prob, ckpt=wdir / "stage2.pt",
                             resume=args.resume, seed=args.seed)

@@ -10,7 +10,9 @@ default path. ``--renderer``: tinyworld's renderer builds the examples (:mod:`tr
 only then). Writes ``config.json`` + ``model.safetensors`` (see :mod:`guards.safepatch`), ``train_log.json`` and
 ``checkpoint.pt`` (for ``--resume``). VAE latents and text embeddings of the patch examples are cached under
 ``--cache`` (default ``.cache/safepatch``), keyed by the model name, the data folder's data.json sha256 and the
-counts. Bad input (not a finished data folder, one made for another backbone, no kept pair, an SDXL backbone):
+counts. SDXL backbones train the same way (text = both encoders side by side, the UNet's text_time
+conditioning fed to the patch and the UNet). Bad input (not a finished data folder, one made for another backbone,
+no kept pair):
 ``error: <message>`` on one line, exit code 3.
 """
 
@@ -69,7 +71,7 @@ def main(args) -> int:
     import torch
 
     from export.families import BackboneError, load_backbone
-    from guards.safepatch import SafePatch, SafePatchGate, save
+    from guards.safepatch import SafePatch, SafePatchGate, save, text_dim
     from train.loop import setup
 
     from .data import categories_and_instructions
@@ -92,8 +94,8 @@ def main(args) -> int:
     if data is not None:
         from train.data.load import check_backbone
 
-        try:  # family, image size, latent channels, a kept pair; SDXL: its UNet needs text_time added_cond_kwargs
-            check_backbone(data, backbone, "SafePatch")
+        try:  # family, image size, latent channels, a kept pair
+            check_backbone(data, backbone)
         except BadInputError as e:
             return _bad(str(e))
         categories, instructions = categories_and_instructions(data)
@@ -116,7 +118,7 @@ def main(args) -> int:
             if getattr(args, key) is None:
                 setattr(args, key, default)
 
-    config = SafePatchConfig.for_unet(backbone.unet, backbone.text_encoders[0].hidden_size, proj_dim=args.proj_dim,
+    config = SafePatchConfig.for_unet(backbone.unet, text_dim(backbone), proj_dim=args.proj_dim,
                                       categories=categories, instructions=instructions)
 
     gate = SafePatchGate(config)
@@ -197,7 +199,8 @@ def main(args) -> int:
 
     log = fit_patch(patch, backbone.unet, backbone.pipeline.scheduler, examples, args.out, steps=args.steps,
                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                    seed=args.seed, resume=args.resume, save_every=args.save_every, on_save=on_save)
+                    seed=args.seed, resume=args.resume, save_every=args.save_every, on_save=on_save,
+                    vae_scale_factor=backbone.vae_scale_factor)
     on_save(patch, args.steps, log)
     last = log[-1] if log else {}
     print(f"safepatch: {args.steps} steps, last losses {last}, {time.time() - start:.0f} s -> {args.out}")

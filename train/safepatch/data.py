@@ -35,26 +35,39 @@ from train.encode import vae_latents
 
 @torch.no_grad()
 def text_stage(backbone, prompts: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden (n, L, D), eos (n, D)) exactly as the bundle's text-stage graph computes them."""
+    """(hidden (n, L, D), eos (n, D)) exactly as the bundle's text-stage graph computes them. SDXL: both text
+    stages' ``hidden`` (``hidden_states[-2]``) and ``eos`` concatenated on the last axis, D = cross_attention_dim
+    (what the SDXL SafePatch reads, ``guards/safepatch.py``)."""
     from export.graphs import TextStage
 
-    spec = backbone.text_encoders[0]
     pipe = backbone.pipeline
-    stage = TextStage(pipe.text_encoder, eos_id=spec.eos_id, penultimate=False, pooled=False).eval()
+    sdxl = backbone.family == "sdxl"
+    encoders = [(pipe.text_encoder, pipe.tokenizer)] + ([(pipe.text_encoder_2, pipe.tokenizer_2)] if sdxl else [])
     hs, es = [], []
-    for i in range(0, len(prompts), batch):
-        ids = pipe.tokenizer(prompts[i:i + batch], padding="max_length", max_length=spec.max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        h, e = stage(ids)
-        hs.append(h)
-        es.append(e)
-    return torch.cat(hs), torch.cat(es)
+    for spec, (encoder, tokenizer) in zip(backbone.text_encoders, encoders):
+        stage = TextStage(encoder, eos_id=spec.eos_id, penultimate=sdxl, pooled=False).eval()
+        h_enc, e_enc = [], []
+        for i in range(0, len(prompts), batch):
+            ids = tokenizer(prompts[i:i + batch], padding="max_length", max_length=spec.max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            h, e = stage(ids)
+            h_enc.append(h)
+            e_enc.append(e)
+        hs.append(torch.cat(h_enc))
+        es.append(torch.cat(e_enc))
+    return torch.cat(hs, dim=-1), torch.cat(es, dim=-1)
 
 
 def assemble_patch_examples(backbone, prompts: list[str], instructions: list[str], kinds: list[int],
                             images: np.ndarray) -> dict[str, torch.Tensor]:
-    """The patch-example tensors (module docstring) of parallel lists and the target images (n, H, W, 3) uint8."""
-    hidden, _ = text_stage(backbone, prompts)
+    """The patch-example tensors (module docstring) of parallel lists and the target images (n, H, W, 3) uint8.
+    SDXL: ``prompt`` is the UNet's packed conditioning (``train.encode.encode_prompts``: hidden states + pooled)."""
+    if backbone.family == "sdxl":
+        from train.encode import encode_prompts
+
+        hidden = encode_prompts(backbone.pipeline, prompts)
+    else:
+        hidden, _ = text_stage(backbone, prompts)
     uniq = sorted(set(instructions))
     inst_hidden, _ = text_stage(backbone, uniq)
     index = torch.tensor([uniq.index(s) for s in instructions])

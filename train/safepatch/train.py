@@ -69,7 +69,11 @@ def pick_threshold(gate_log: dict, min_unsafe_fire: float = 0.995) -> float:
 
 def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int,
               lr: float, weight_decay: float, warmup: int, seed: int, resume: bool, save_every: int,
-              on_save=None) -> list[dict]:
+              on_save=None, vae_scale_factor: int = 8) -> list[dict]:
+    """SDXL (``text_time`` UNet): ``data["prompt"]`` is the packed conditioning (``train.encode``); the patch and
+    the UNet both get its ``added_cond_kwargs`` (``time_ids`` from the latent size x ``vae_scale_factor``)."""
+    from train.encode import split_conditioning
+
     accelerator = setup(seed)
     unet.requires_grad_(False).eval().to(accelerator.device)
     dataset = TensorDataset(data["latent"], data["prompt"], data["instruction"], data["kind"])
@@ -95,8 +99,9 @@ def fit_patch(patch, unet, scheduler, data: dict[str, torch.Tensor], out: Path, 
             zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
             tf = t.float()
             with accelerator.autocast():
-                res = patch(zt, tf, c, s)
-                pred = unet(zt, tf, c, down_block_additional_residuals=tuple(res[:-1]),
+                c, added = split_conditioning(unet, c, zt, vae_scale_factor)
+                res = patch(zt, tf, c, s, added_cond_kwargs=added)
+                pred = unet(zt, tf, c, added_cond_kwargs=added, down_block_additional_residuals=tuple(res[:-1]),
                             mid_block_additional_residual=res[-1]).sample
             target = a.sqrt() * eps - (1 - a).sqrt() * z0 if v_pred else eps
             per = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))

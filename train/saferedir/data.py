@@ -99,7 +99,7 @@ class DataSource:
     def __init__(self, args, backbone):
         self.args, self.pipe = args, backbone.pipeline
         self.data = load_data(args.data)
-        check_backbone(self.data, backbone, "saferedir", sdxl=True)
+        check_backbone(self.data, backbone)
 
     def build(self) -> dict[str, np.ndarray]:
         return build(self.pipe, self.data, self.args.cache, self.args.prompts, self.args.pairs)
