@@ -1,7 +1,7 @@
 """SafePatch and SafeCtrl in SDXL bundles (issue 18) on the tiny random-weight SDXL fixture.
 
 - the prompt-only recipe end to end: the data step from a 10-row paired CSV -> each trainer a few steps (the UNet
-  fed its ``text_time`` conditioning) -> ``export build --guards safepatch,safectrl`` -> ``runtime generate``;
+  fed its ``text_time`` conditioning) -> ``export build`` of the four-guard stack -> ``runtime generate``;
 - zero-init in the bundle: an untrained SafePatch (gate pinned on: its graph runs every step) with a SafeCtrl whose
   blend weight is 0 gives the unguarded bundle's image;
 - parity: the lean runtime vs a PyTorch reference (the SDXL UNet with the SafeCtrl processors and the SafePatch
@@ -60,13 +60,23 @@ def xl_data(sdxl_model, inputs, tmp_path_factory):  # noqa: F811
 
 
 def test_sdxl_training_builds_and_generates(sdxl_model, xl_data, tmp_path):  # noqa: F811
+    """The four-guard stack on SDXL from prompts alone: the data step's pairs -> every trainer a few steps ->
+    ``export build --guards safeguider,saferedir,safepatch,safectrl`` -> ``runtime generate`` runs all four."""
     from guards.safectrl import SafeCtrlConfig
     from guards.safepatch import SafePatchConfig
     from guards.storage import load_folder
+    from train.__main__ import main as train_cli
+
+    from .test_train_data import PAIRS_CSV
 
     root = tmp_path / "guards"
-    for guard in GUARDS:
+    for guard in (*GUARDS, "saferedir"):
         assert train(guard, sdxl_model, xl_data, root / sdxl_model.name / guard, tmp_path / "work") == 0, guard
+    rows = [line.split(",")[:2] for line in PAIRS_CSV.splitlines()[1:]]
+    labelled = tmp_path / "labelled.csv"   # SafeGuider learns from prompt lists: the pairs' two sides, labelled
+    labelled.write_text("prompt,label\n" + "".join(f"{u},0\n{s},1\n" for u, s in rows), encoding="utf-8")
+    assert train_cli(["safeguider", "--model", str(sdxl_model), "--csv", str(labelled), "--epochs", "2",
+                      "--out", str(root / sdxl_model.name / "safeguider")]) == 0
     patch_cfg, _ = load_folder(root / sdxl_model.name / "safepatch", SafePatchConfig)
     ctrl_cfg, _ = load_folder(root / sdxl_model.name / "safectrl", SafeCtrlConfig)
     # both encoders side by side (32 + 64): the UNet's cross_attention_dim
@@ -75,8 +85,9 @@ def test_sdxl_training_builds_and_generates(sdxl_model, xl_data, tmp_path):  # n
     assert ctrl_cfg.detect_layer.startswith("down_blocks.1.attentions.0.transformer_blocks.0.attn2")
     assert ctrl_cfg.blend_layers and all(n.startswith("up_blocks.0.") for n in ctrl_cfg.blend_layers)
     assert len(ctrl_cfg.blend_layers) == 6  # 3 attentions x transformer depth 2
+    stack = ("safeguider", "saferedir", *GUARDS)
     plan = tmp_path / "xl_guarded.plan"
-    proc = build(sdxl_model, root, plan)
+    proc = build(sdxl_model, root, plan, stack)
     assert proc.returncode == 0, proc.stderr[-3000:]
     png = tmp_path / "out.png"
     gen = subprocess.run([sys.executable, "-m", "runtime", "generate", "--engine", str(plan), "--prompt", UNSAFE,
@@ -84,7 +95,11 @@ def test_sdxl_training_builds_and_generates(sdxl_model, xl_data, tmp_path):  # n
                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     report = json.loads(png.with_suffix(".json").read_text())
-    assert png.stat().st_size > 0 and list(report["guards"]) == list(GUARDS) and report["family"] == "sdxl"
+    assert png.stat().st_size > 0 and list(report["guards"]) == list(stack) and report["family"] == "sdxl"
+    from runtime.pipeline import Pipeline
+
+    with Pipeline.open(plan) as pipe:   # a stack: SafeGuider flags, the latent / UNet guards remove
+        assert next(g for g in pipe.guards if g.name == "safeguider").config["mode"] == "gate"
 
 
 # -- zero-init in the bundle ---------------------------------------------------------------------------------------
