@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval tinyworld-xl eval-xl bundle guarded-bundles bench-sd15 bench-sd15-guards \
-        bench-sd15-safepatch bench-sd15-safectrl bench-sd15-stack bench-gpu clean-venv
+        bench-sd15-safepatch bench-sd15-safectrl bench-sd15-stack bench-gpu guards-tinyworld-xl clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -107,6 +107,24 @@ engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safet
 	$(PY) -m export build --model models/tinyworld --guards safeguider,saferedir --out $@
 
 guarded-bundles: $(foreach g,$(GUARDED),engines/tinyworld_$(g).plan) engines/tinyworld_text.plan engines/tinyworld_stack.plan  ## every guarded bundle
+
+# The same recipe on tinyworld-xl (issue 18), all four guards, then the four-guard SDXL bundle.
+TWXL_DATA := .cache/data/tinyworld-xl
+XL_GUARDS := models/guards/tinyworld-xl
+$(TWXL_DATA)/data.json: | $(STAMP)
+	$(PY) -m train data --model models/tinyworld-xl --prompts train/tinyworld/prompts/unsafe_guard.csv \
+	  --rules train/tinyworld/prompts/edit_rules.csv --benign train/tinyworld/prompts/benign_guard.csv \
+	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TWXL_DATA) --resume
+
+guards-tinyworld-xl: $(TWXL_DATA)/data.json  ## the four guards on tinyworld-xl from prompts only
+	$(PY) -m train safeguider --model models/tinyworld-xl --out $(XL_GUARDS)/safeguider
+	$(PY) -m train saferedir --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/saferedir --cache .cache/saferedir_data_xl
+	$(PY) -m train safepatch --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safepatch
+	$(PY) -m train safectrl --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safectrl
+
+engines/tinyworld_xl_safe.plan: $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
+	  --guard-dir models/guards --out $@
 
 # Opt-in: the real SD 1.5 architecture with random weights at 256 px (~4.3 GB model, ~4 GB bundle, ~10 min).
 SD15 := .cache/sd15-architecture

@@ -121,7 +121,8 @@ def _constant(rows: list, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(rows, dtype=like.dtype, device=like.device)
     key = (str(rows), like.dtype, like.device)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a plain tensor: one made under inference_mode could not enter autograd
+            _CONSTANTS[key] = torch.tensor(rows, dtype=like.dtype, device=like.device)
     return _CONSTANTS[key]
 
 

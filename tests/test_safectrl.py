@@ -430,3 +430,19 @@ def test_host_dilate_is_torch_max_pool(r):
     m = np.random.default_rng(r).random((3, 1, 9, 7)).astype(np.float32) ** 4
     want = F.max_pool2d(torch.from_numpy(m), 2 * r + 1, stride=1, padding=r).numpy()
     assert np.array_equal(dilate(m, r), want)
+
+
+def test_detector_constants_made_in_inference_mode_still_train():
+    """The detector's cached constants (made once per device for CUDA-graph capture) stay plain tensors: a first
+    call under ``torch.inference_mode`` (a benchmark) must not break a later training step's backward."""
+    import torch
+
+    from guards.safectrl import UnsafeAttentionBlock
+
+    uab = UnsafeAttentionBlock(feature_dim=24, num_tokens=5, token_dim=8)
+    features = torch.randn(2, 9, 24)
+    with torch.inference_mode():
+        uab.masks(features, 0.77)
+    _, mask = uab.masks(features, 0.77)
+    mask.sum().backward()
+    assert uab.to_q.weight.grad is not None and uab.to_q.weight.grad.abs().sum() > 0
