@@ -208,8 +208,9 @@ COMMITTED_XL = ROOT / "models" / "tinyworld-xl"
 
 
 def test_committed_folder_is_small_loads_offline_and_the_lean_runtime_matches_diffusers(tmp_path):
-    """The committed tinyworld-xl: under 30 MB, StableDiffusionXLPipeline loads it offline, and its default bundle
-    (tinyworld profile: 64 px, DDIM 20 steps, guidance 5) gives diffusers' image for the same noise (>= 40 dB)."""
+    """The committed tinyworld-xl: under 30 MB, StableDiffusionXLPipeline loads it offline, and its bundle with the
+    committed SafeGuider (tinyworld profile: 64 px, DDIM 20 steps, guidance 5) gives diffusers' image for a benign
+    prompt and the same noise (>= 40 dB: the guard passes it untouched) and rewrites the unsafe one."""
     from diffusers import StableDiffusionXLPipeline
 
     from runtime.pipeline import Pipeline, initial_noise
@@ -217,7 +218,8 @@ def test_committed_folder_is_small_loads_offline_and_the_lean_runtime_matches_di
     size = sum(f.stat().st_size for f in COMMITTED_XL.rglob("*") if f.is_file())
     assert size < 30_000_000, size
     plan = tmp_path / "xl.plan"
-    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(COMMITTED_XL), "--out", str(plan)],
+    proc = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(COMMITTED_XL), "--guards",
+                           "safeguider", "--out", str(plan)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,9 +227,13 @@ def test_committed_folder_is_small_loads_offline_and_the_lean_runtime_matches_di
     ref = StableDiffusionXLPipeline.from_pretrained(COMMITTED_XL, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
     with Pipeline.open(plan) as pipe:
-        r = pipe.generate(PROMPTS[0], seed=5)
+        r = pipe.generate(PROMPTS[1], seed=5)
+        unsafe = pipe.generate(PROMPTS[0], seed=5)
+    assert r.report["guards"]["safeguider"]["verdict"] == "safe"
+    sg = unsafe.report["guards"]["safeguider"]
+    assert sg["verdict"] == "unsafe" and sg["action"] == "searched" and "knife" in sg["words_removed"]
     _, noise = initial_noise(5, (1, 4, 16, 16))
-    expected = ref(PROMPTS[0], num_inference_steps=r.report["steps"], guidance_scale=r.report["guidance"],
+    expected = ref(PROMPTS[1], num_inference_steps=r.report["steps"], guidance_scale=r.report["guidance"],
                    latents=torch.from_numpy(noise), height=64, width=64, output_type="np").images[0]
     mse = float(np.mean((r.images[0] / 255.0 - expected) ** 2))
     assert 10 * np.log10(1.0 / max(mse, 1e-12)) >= 40
