@@ -40,18 +40,15 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
 
 
 def _encode_sdxl(pipe, prompts: list[str], batch: int) -> torch.Tensor:
+    """:func:`encode_sdxl`'s hidden states and pooled embedding packed in one tensor (module docstring)."""
     cross = pipe.unet.config.cross_attention_dim
-    out = []
-    for i in range(0, len(prompts), batch):
-        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts[i:i + batch]), device=pipe.unet.device,
-                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
-        if pooled.shape[-1] > cross:
-            raise ValueError(f"pooled text_embeds ({pooled.shape[-1]}) wider than cross_attention_dim ({cross})")
-        row = torch.nn.functional.pad(pooled, (0, cross - pooled.shape[-1]))[:, None]
-        out.append(torch.cat([embeds, row.to(embeds.dtype)], dim=1))
-    if not out:
+    if not prompts:
         return torch.zeros(0, pipe.tokenizer.model_max_length + 1, cross)
-    return torch.cat(out)
+    hidden, pooled = encode_sdxl(pipe, prompts, batch)
+    if pooled.shape[-1] > cross:
+        raise ValueError(f"pooled text_embeds ({pooled.shape[-1]}) wider than cross_attention_dim ({cross})")
+    row = torch.nn.functional.pad(pooled, (0, cross - pooled.shape[-1]))[:, None]
+    return torch.cat([hidden, row], dim=1)
 
 
 @torch.no_grad()
@@ -72,8 +69,13 @@ def split_conditioning(unet, cond: torch.Tensor, sample: torch.Tensor, vae_scale
         return cond, None
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     h, w = sample.shape[-2] * vae_scale_factor, sample.shape[-1] * vae_scale_factor
-    time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=cond.dtype, device=cond.device).expand(cond.shape[0], 6)
+    time_ids = _time_ids(h, w, cond.shape[0]).to(cond.device, cond.dtype)
     return cond[:, :-1], {"text_embeds": cond[:, -1, :pooled], "time_ids": time_ids}
+
+
+def _time_ids(h: int, w: int, n: int) -> torch.Tensor:
+    """(n, 6) SDXL ``time_ids`` = (h, w, 0, 0, h, w): original = target size, no crop, as the runtime feeds them."""
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(n, -1)
 
 
 class _TextTimeCall:
@@ -109,7 +111,7 @@ def vae_latents(vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
 # ---- SDXL (two text encoders; SafeRedir on sdxl_safe.plan) ---------------------------------------------------
 
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return is_text_time(pipe.unet)
 
 
 @torch.no_grad()
@@ -129,4 +131,4 @@ def sdxl_time_ids(pipe, n: int, size: int | None = None) -> torch.Tensor:
     """(n, 6) ``time_ids`` = (size, size, 0, 0, size, size): original = target size, no crop, as the runtime
     feeds at the backbone's own image size (``size`` pixels, default that)."""
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).expand(n, -1)
+    return _time_ids(size, size, n)
