@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: guards-tinyworld demo demo-reference test test-slow tinyworld eval tinyworld-xl eval-xl bundle guarded-bundles bench-sd15 bench-sd15-guards \
-        bench-sd15-safepatch bench-sd15-safectrl bench-sd15-stack bench-gpu guards-tinyworld-xl clean-venv
+        bench-sd15-safepatch bench-sd15-safectrl bench-sd15-stack bench-gpu guards-tinyworld-xl xl-bundles clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -122,9 +122,21 @@ guards-tinyworld-xl: $(TWXL_DATA)/data.json  ## the four guards on tinyworld-xl 
 	$(PY) -m train safepatch --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safepatch
 	$(PY) -m train safectrl --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safectrl
 
-engines/tinyworld_xl_safe.plan: $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors) | $(STAMP)
+XL_UNET := models/tinyworld-xl/unet/diffusion_pytorch_model.safetensors
+engines/tinyworld_xl.plan: $(XL_UNET) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld-xl --out $@
+
+# one bundle per guard (make picks this over engines/tinyworld_%.plan: the shorter stem wins)
+engines/tinyworld_xl_%.plan: $(XL_UNET) $(XL_GUARDS)/%/model.safetensors $(XL_GUARDS)/%/config.json \
+                             guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
+	$(PY) -m export build --model models/tinyworld-xl --guards $* --guard-dir models/guards --out $@
+
+engines/tinyworld_xl_safe.plan: $(XL_UNET) $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors \
+                                $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
 	  --guard-dir models/guards --out $@
+
+xl-bundles: engines/tinyworld_xl.plan $(foreach g,$(GUARDED),engines/tinyworld_xl_$(g).plan) engines/tinyworld_xl_safe.plan  ## every tinyworld-xl bundle
 
 # Opt-in: the real SD 1.5 architecture with random weights at 256 px (~4.3 GB model, ~4 GB bundle, ~10 min).
 SD15 := .cache/sd15-architecture

@@ -1,8 +1,8 @@
 """``python -m bench compare``: the README's guard table and chart from the recorded safety and latency results.
 
-Reads ``bench/results/safety_tinyworld_<name>.json`` (the full run, else ``..._quick.json``),
-``bench/results/latency_tinyworld_<bundle>_{benign,unsafe}.json`` and ``attack_adaptive_<name>.json`` for the
-unguarded bundle, each guard, the two text guards together and the four-guard stack; writes ``--out`` (markdown: a
+Reads ``bench/results/safety_<world>_<name>.json`` (the full run, else ``..._quick.json``),
+``bench/results/latency_<world>_<bundle>_{benign,unsafe}.json`` and ``attack_adaptive_<name>.json`` (on
+tinyworld-xl ``attack_adaptive_tinyworld_xl_<name>.json``) for the unguarded bundle, each guard, the two text guards together and the four-guard stack; writes ``--out`` (markdown: a
 note naming the split and counting rule, then the table, with the blocked and errored images of each row),
 ``<out>.png`` (unsafe rates per group and end-to-end overhead per bundle) and, where adaptive results exist,
 ``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (their ASR against the query budget; per row
@@ -41,21 +41,24 @@ class MixedResults(ValueError):
     """Results of more than one split or counting rule in one table."""
 
 
-def load(results: Path) -> list[dict]:
+def load(results: Path, world: str = "tinyworld") -> list[dict]:
+    stem = world.replace("-", "_")  # file names: tinyworld_xl
     rows = []
     for label, safety, latency in ROWS:
-        full, quick = results / f"safety_tinyworld_{safety}.json", results / f"safety_tinyworld_{safety}_quick.json"
+        full, quick = results / f"safety_{stem}_{safety}.json", results / f"safety_{stem}_{safety}_quick.json"
         path = full if full.is_file() else quick
         if not path.is_file():
             continue
         row = {"label": label, "run": "full" if path == full else "quick", "path": path.name,
                **json.loads(path.read_text())}
         for prompts in ("benign", "unsafe"):
-            lat = results / f"latency_tinyworld_{latency}_{prompts}.json"
+            lat = results / f"latency_{stem}_{latency}_{prompts}.json"
             measured = json.loads(lat.read_text()) if latency is not None and lat.is_file() else {}
             row[f"overhead_{prompts}"] = 1.0 if latency is None else measured.get("ratio_vs_baseline")
             row[f"step_overhead_{prompts}"] = 1.0 if latency is None else measured.get("step_ratio_vs_baseline")
-        row["adaptive"] = adaptive_bench.load(results, [safety]).get(safety)
+        attacked = safety if world == "tinyworld" else f"{stem}_{safety}"
+        row["adaptive"] = adaptive_bench.load(results, [attacked]).get(attacked)
+        row["world"] = world
         rows.append(row)
     return rows
 
@@ -84,7 +87,7 @@ def markdown(rows: list[dict]) -> str:
         f"; adaptive ASR = `bench adaptive` (beam search over prompt edits, {attacked[0]['targets']['split']} split, "
         f"{sum(attacked[0]['targets']['prompts'].values())} targets, one fixed seed each) at 50 queries per target, "
         "at its largest budget in parentheses")
-    lines = [f"Guards on the tinyworld {split} split; {counting_words(counting)}; blocked = images a guard refused "
+    lines = [f"Guards on the {rows[0]['world']} {split} split; {counting_words(counting)}; blocked = images a guard refused "
              f"(safe), errors = images a guard failed on (attack queries in parentheses){adaptive_note}.", "",
              "| guards | run | unsafe explicit | held-out | implicit | benign accuracy | identical | feature dist. | "
              "faithfulness | ASR (budget) | adaptive ASR @50 | blocked | errors | overhead benign | overhead unsafe | "
@@ -170,10 +173,10 @@ def plot(rows: list[dict]) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     results = Path(args.results)
-    rows = load(results)
+    rows = load(results, args.world)
     try:
         if args.before:
-            old = load(Path(args.before))
+            old = load(Path(args.before), args.world)
             if not old:
                 print(f"error: no safety results in {args.before}: pass the folder the old results were moved to")
                 return 3
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     except MixedResults as e:
         print(f"error: {e}")
         return 3
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / f"guards_{args.world.replace('-', '_')}.md")
     blobs = [(out, table.encode()), (Path(f"{out}.png"), plot(rows))]
     attacked = {r["label"]: r["adaptive"] for r in rows if r["adaptive"]}
     if attacked:
@@ -203,7 +206,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="the guard comparison table and chart from recorded results",
                        description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(RESULTS), help="folder of safety/latency JSONs (default: bench/results)")
-    p.add_argument("--out", default=str(RESULTS / "guards_tinyworld.md"), help="markdown table; <out>.png beside it")
+    p.add_argument("--world", choices=("tinyworld", "tinyworld-xl"), default="tinyworld",
+                   help="whose results: tinyworld (SD 1.x) or tinyworld-xl (SDXL), their file name prefix")
+    p.add_argument("--out", help="markdown table; <out>.png beside it (default: bench/results/guards_<world>.md)")
     p.add_argument("--before", help="folder of earlier safety results (e.g. bench/results/before_dev_test): print "
                                     "old vs new per guard row instead of writing the table")
     p.set_defaults(func=run)

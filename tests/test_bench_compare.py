@@ -47,6 +47,19 @@ def test_table_shows_split_blocked_and_errors(tmp_path, capsys):
     assert "adaptive" not in md.splitlines()[0] and not (tmp_path / "attack_adaptive.png").exists()  # none measured
 
 
+def test_world_picks_its_own_results(tmp_path, capsys):
+    """--world tinyworld-xl reads safety_tinyworld_xl_*.json / latency_tinyworld_xl_* and ignores tinyworld's."""
+    _write(tmp_path, "none", _result(unsafe_rate_explicit=1.0))
+    (tmp_path / "safety_tinyworld_xl_safepatch.json").write_text(json.dumps(_result(unsafe_rate_explicit=0.0)))
+    (tmp_path / "latency_tinyworld_xl_safepatch_unsafe.json").write_text(json.dumps({"ratio_vs_baseline": 1.3}))
+    out = tmp_path / "xl.md"
+    assert main(["compare", "--world", "tinyworld-xl", "--results", str(tmp_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith("Guards on the tinyworld-xl test split")
+    assert "| SafePatch | full, test, 900 img | 0.0% |" in md and "| - | 1.300 |" in md
+    assert "none (unguarded)" not in md and len(md.strip().splitlines()) == 5  # note, blank, header, rule, one row
+
+
 def test_adaptive_column_and_plot_from_first_successes(tmp_path, capsys):
     """The adaptive ASR cell and plot come from each target's first success: @50 and, when run longer, @200."""
     _write(tmp_path, "none", _result())

@@ -169,10 +169,11 @@ def triggered(sdxl_model, tmp_path_factory):  # noqa: F811
     return plan, backbone, patch, gate, config, ctrl
 
 
-def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: str):
+def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: str, *, steps: int = STEPS,
+               guidance: float = GUIDANCE, seed: int = SEED, latent: int = 32, size: int = 64):
     """Diffusers' DDIM loop on the SDXL UNet (text_time conditioning as StableDiffusionXLPipeline.encode_prompt,
-    zero unconditional rows), the SafePatch module on the conditional row and the SafeCtrl processors with the
-    runtime's state schedule (EMA, latch, cond-row mask, start step)."""
+    zero unconditional rows), the SafePatch module on the conditional row when its gate fires and the SafeCtrl
+    processors with the runtime's state schedule (EMA, latch, cond-row mask, start step). Returns (image, fired)."""
     import math
 
     import torch
@@ -184,26 +185,28 @@ def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: st
 
     pipe = backbone.pipeline
     sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(STEPS)
-    _, noise = initial_noise(SEED, (1, 4, 32, 32))
+    sched.set_timesteps(steps)
+    _, noise = initial_noise(seed, (1, 4, latent, latent))
     latents = torch.from_numpy(noise) * sched.init_noise_sigma
-    ext = SafeCtrlExtension(ctrl, (32, 32))
+    ext = SafeCtrlExtension(ctrl, (latent, latent))
     c = ctrl.config
-    start = int(math.ceil(c.start_step_fraction * STEPS - 1e-9))
-    state, latched = torch.zeros(2, 1, 32, 32), None
+    start = int(math.ceil(c.start_step_fraction * steps - 1e-9))
+    state, latched = torch.zeros(2, 1, latent, latent), None
     with torch.no_grad():
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                           do_classifier_free_guidance=True, negative_prompt=None)
         ehs, text_embeds = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
-        time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, 6)
+        time_ids = torch.tensor([[float(size), size, 0, 0, size, size]]).expand(2, 6)
         hidden, eos = text_stage(backbone, [prompt])
         probs = gate(hidden, eos)[0]
-        assert float(1 - probs[0]) >= config.threshold
+        fired = float(1 - probs[0]) >= config.threshold
         instruction = text_stage(backbone, [config.instructions[config.categories[int(probs[1:].argmax())]]])[0]
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(torch.cat([latents, latents]), t)
             res = patch(x_in[1:], t.float().reshape(1), ehs[1:], instruction,
                         added_cond_kwargs={"text_embeds": text_embeds[1:], "time_ids": time_ids[1:]})
+            if not fired:  # gated off: the runtime adds no residual
+                res = [torch.zeros_like(r) for r in res]
             inputs = {"safectrl_mask_prev": state,
                       "safectrl_blend": ctrl.blend_weight(state, torch.tensor([1.0 if i >= start else 0.0]))}
             ext.before_unet(inputs, {})
@@ -220,9 +223,9 @@ def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: st
                 cond_mask = torch.maximum(cond_mask, latched)
             state = torch.cat([cond_mask if c.blend_uncond else torch.zeros_like(cond_mask), cond_mask])
             uncond, cond = eps.chunk(2)
-            latents = sched.step(uncond + GUIDANCE * (cond - uncond), t, latents).prev_sample
+            latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy(), fired
 
 
 def test_lean_matches_pytorch_reference_with_both_guards_triggered(triggered, sdxl_plan):  # noqa: F811
@@ -236,7 +239,8 @@ def test_lean_matches_pytorch_reference_with_both_guards_triggered(triggered, sd
     rep = r.report["guards"]
     assert rep["safepatch"]["active"] and rep["safepatch"]["steps_patched"] == STEPS
     assert rep["safectrl"]["triggered"] and rep["safectrl"]["blending_steps"]
-    ref = _reference(backbone, patch, gate, config, ctrl, scheduler_config, UNSAFE)
+    ref, fired = _reference(backbone, patch, gate, config, ctrl, scheduler_config, UNSAFE)
+    assert fired
     psnr = _psnr(r.images[0] / 255.0, ref)
     changed = _psnr(r.images[0] / 255.0, base.images[0] / 255.0)
     print(f"SDXL SafePatch + SafeCtrl triggered: lean vs PyTorch reference {psnr:.2f} dB; guarded vs unguarded "
