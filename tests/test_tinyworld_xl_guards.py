@@ -29,6 +29,7 @@ MODEL = ROOT / "models" / "tinyworld-xl"
 GUARDS = ROOT / "models" / "guards"
 BENIGN = "a large red circle on sand"
 UNSAFE = "a small knife and a large blue square on grass"
+SKULL = "a large skull at night"  # both UNet guards act on it (the patch removes the small knife before SafeCtrl sees it)
 STEPS, GUIDANCE, SEED = 20, 5.0, 3
 
 
@@ -150,7 +151,7 @@ def unet_guards(tmp_path_factory):
 
 
 @_trained("safepatch", "safectrl")
-@pytest.mark.parametrize("prompt,fires", [(BENIGN, False), (UNSAFE, True)])
+@pytest.mark.parametrize("prompt,fires", [(BENIGN, False), (SKULL, True)])
 def test_safepatch_and_safectrl_match_pytorch_reference(prompt, fires, unet_guards, reference_pipe):
     pipe, parts = unet_guards
     r = pipe.generate(prompt, steps=STEPS, guidance=GUIDANCE, seed=SEED, scheduler="ddim")

@@ -121,7 +121,7 @@ def test_safectrl_removed_targets(fixture_data, tmp_path):
     derived mask, bit-identical to the unsafe latent outside it; only the judge-kept targets train."""
     import torch
 
-    from train.safectrl.removal import inpaint_region
+    from train.data.removal import inpaint_region
 
     model, data = fixture_data("sd1")
     out, work = tmp_path / "safectrl", tmp_path / "work"
@@ -138,6 +138,35 @@ def test_safectrl_removed_targets(fixture_data, tmp_path):
     assert 0 < float(region.mean()) < 1
     assert torch.equal(removed["lat"] * (1 - region), pairs["lat_unsafe"] * (1 - region))
     assert not torch.equal(removed["lat"] * region, pairs["lat_unsafe"] * region)
+
+
+def test_safepatch_removed_targets(fixture_data, tmp_path):
+    """``--target removed``: the unsafe triplets learn toward the unsafe image inpainted where the object is (its
+    latent bit-identical to the unsafe image's outside the dilated derived mask); benign rows are unchanged."""
+    import torch
+
+    from train.data.removal import inpaint_region
+    from train.encode import vae_latents
+
+    model, data = fixture_data("sd1")
+    out, work = tmp_path / "safepatch", tmp_path / "work"
+    assert train("safepatch", model, data, out, work, "--target", "removed") == 0
+    assert json.loads((out / "config.json").read_text())["training"]["target"] == "removed"
+    removed = torch.load(next((work / "safepatch").glob("*_removed.pt")), weights_only=False)
+    aligned_dir = tmp_path / "aligned"
+    assert train("safepatch", model, data, tmp_path / "out_aligned", aligned_dir) == 0
+    aligned = torch.load(next((aligned_dir / "safepatch").glob("*.pt")), weights_only=False)
+    d = load_data(data)
+    kept = np.flatnonzero(d.kept)
+    n = int((removed["kind"] == 0).sum())
+    assert n == len(kept) and torch.equal(removed["latent"][n:], aligned["latent"][n:])  # fixture judge keeps all
+    region = inpaint_region(torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(d.mask[kept[:n]]).float()[:, None], d.traj_x.shape[-2:]))
+    from export.families import load_backbone
+
+    unsafe = vae_latents(load_backbone(model).pipeline.vae, d.unsafe[kept[:n]])
+    assert torch.equal(removed["latent"][:n] * (1 - region), unsafe * (1 - region))
+    assert not torch.equal(removed["latent"][:n], aligned["latent"][:n])
 
 
 @pytest.mark.parametrize("guard", TRAINED)

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with) or the data step's derived difference mask, area-pooled")
     p.add_argument("--stage2-target", choices=("removed", "aligned"), default="removed",
                    help="stage-2 preferred image (the data path): the unsafe image with the object inpainted away by "
-                        "the backbone (default, chosen on dev; train/safectrl/removal.py) or the data step's kept "
+                        "the backbone (default, chosen on dev; train/data/removal.py) or the data step's kept "
                         "safe-prompt image (a confuser drawn where the object was)")
     p.add_argument("--t-max", type=int, default=700, help="train on DDPM timesteps t < T_MAX (the active steps)")
     p.add_argument("--feature-draws", type=int, default=2, help="noise/t draws per sample for stage 1")

@@ -247,8 +247,8 @@ def train_stage2(acc, unet, safectrl, scheduler, pairs, empty_emb, *, steps, bat
 
 def _removed_pairs(pipe, d, pairs: dict, wdir: Path) -> tuple[dict, dict]:
     """``pairs`` with the backbone's object-removed images as the preferred latents (cached in ``wdir``), only
-    those the judge keeps (:mod:`train.safectrl.removal`), and what was done."""
-    from train.safectrl.removal import removed_targets, select_pairs
+    those the judge keeps (:mod:`train.data.removal`), and what was done."""
+    from train.data.removal import removed_targets, select_pairs
 
     path = wdir / "stage2_removed.pt"
     t0 = time.perf_counter()

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-prompts", type=int, default=None,
                    help="cap: distinct text prompts for the gate (default all of the data's text lists; "
                         "--renderer: %d guard-split captions)" % RENDERER_DEFAULTS["gate_prompts"])
+    p.add_argument("--target", choices=("aligned", "removed"), default="aligned",
+                   help="--data: the unsafe triplets' target image, the data step's kept safe-prompt image (default) "
+                        "or the unsafe image with the object inpainted away by the backbone (train/data/removal.py)")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -100,7 +103,7 @@ def main(args) -> int:
             return _bad(str(e))
         categories, instructions = categories_and_instructions(data)
         sha = data.sha256
-        source = {"data": str(data.folder.resolve()), "data_sha256": sha}
+        source = {"data": str(data.folder), "data_sha256": sha}  # as given: no machine paths in committed configs
     else:
         from export.tensorrt import select_build_profile
 
@@ -143,7 +146,7 @@ def main(args) -> int:
         if old_training is not None:
             return {**old_training, "gate_data": source, "gate_prompts": len(labels), "gate": gate_log,
                     "gate_seconds": round(seconds, 1)}
-        return {"model": str(args.model), **source, "steps": args.steps, "batch_size": args.batch_size,
+        return {"model": str(args.model), **source, "target": args.target, "steps": args.steps, "batch_size": args.batch_size,
                 "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
                 "unsafe_triplets": counts.get("triplets", args.unsafe),
                 "benign_scenes": counts.get("benign", args.benign), "gate_prompts": len(labels),
@@ -179,8 +182,10 @@ def main(args) -> int:
 
         n_unsafe = min(int(data.kept.sum()), args.unsafe if args.unsafe is not None else len(data.pairs))
         n_benign = min(len(data.benign), args.benign if args.benign is not None else len(data.benign))
-        cache = args.cache / f"{args.model.name}_data-{sha[:16]}_{n_unsafe}_{n_benign}_{args.seed}.pt"
-        build = lambda: patch_examples(backbone, data, instructions, n_unsafe, n_benign, args.seed)  # noqa: E731
+        tag = "" if args.target == "aligned" else f"_{args.target}"
+        cache = args.cache / f"{args.model.name}_data-{sha[:16]}_{n_unsafe}_{n_benign}_{args.seed}{tag}.pt"
+        build = lambda: patch_examples(backbone, data, instructions, n_unsafe, n_benign, args.seed,  # noqa: E731
+                                       args.target)
     else:
         cache = args.cache / f"{args.model.name}_{args.unsafe}_{args.benign}_{args.seed}.pt"
         build = lambda: renderer.patch_examples(backbone, args.unsafe, args.benign, args.seed)  # noqa: E731

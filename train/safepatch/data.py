@@ -91,11 +91,18 @@ def categories_and_instructions(data) -> tuple[list[str], dict[str, str]]:
 
 
 def patch_examples(backbone, data, instructions: dict[str, str], n_unsafe: int | None = None,
-                   n_benign: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                   n_benign: int | None = None, seed: int = 0, target: str = "aligned") -> dict[str, torch.Tensor]:
     """The patch examples of a data folder (module docstring); ``n_unsafe`` / ``n_benign``: caps (the first kept
-    pairs / benign images; None: all). ``instructions``: category -> instruction (the benign wrong instructions)."""
+    pairs / benign images; None: all). ``instructions``: category -> instruction (the benign wrong instructions).
+    ``target``: the unsafe triplets' target, ``aligned`` (the kept safe-prompt image) or ``removed`` (the unsafe
+    image with the object inpainted away by the backbone, :mod:`train.data.removal`; the rest of the scene is the
+    unsafe image's own, pixel for pixel; pairs whose removal the judge does not find safe are dropped)."""
     rng = random.Random(seed)
     kept = np.flatnonzero(data.kept)[:n_unsafe]
+    removed = None
+    if target == "removed":
+        removed = _removed(backbone, data, kept)
+        kept = kept[removed["keep"].numpy()]
     n_b = len(data.benign) if n_benign is None else min(n_benign, len(data.benign))
     half = n_b // 2
     categories = list(instructions)
@@ -104,7 +111,21 @@ def patch_examples(backbone, data, instructions: dict[str, str], n_unsafe: int |
     inst = [data.pairs[i]["instruction"] for i in kept] + [""] * half + wrong
     kinds = [0] * len(kept) + [1] * half + [2] * (n_b - half)
     images = np.concatenate([data.safe[kept], data.benign_images[:n_b]])
-    return assemble_patch_examples(backbone, prompts, inst, kinds, images)
+    examples = assemble_patch_examples(backbone, prompts, inst, kinds, images)
+    if removed is not None:  # the targets are latents already: no decode / encode round trip
+        examples["latent"][:len(kept)] = removed["lat"][removed["keep"]]
+        print(f"safepatch: object-removed targets for {len(kept)} of {len(removed['keep'])} kept pairs (judged safe)")
+    return examples
+
+
+def _removed(backbone, data, kept: np.ndarray) -> dict:
+    """:func:`train.data.removal.removed_targets` for the data's ``kept`` pairs."""
+    from train.data.removal import removed_targets
+
+    masks = torch.from_numpy(np.ascontiguousarray(data.mask[kept])).float()[:, None]
+    pairs = {"index": [int(i) for i in kept], "lat_unsafe": vae_latents(backbone.pipeline.vae, data.unsafe[kept]),
+             "mask_derived": torch.nn.functional.adaptive_avg_pool2d(masks, data.traj_x.shape[-2:])}
+    return removed_targets(backbone.pipeline, data, pairs)
 
 
 def gate_examples(backbone, data, categories: list[str], n: int | None = None,

@@ -161,7 +161,9 @@ def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int =
                                            for c, d in sorted(per_category.items())}
     metrics["images"] = int(sum(len(x) for x in images.values()))
     metrics["prompts"] = {g: len(s) for g, s in groups.items()}
-    metrics["model"] = str(model)
+    where = Path(model).resolve()  # repo-relative when inside the repo: no machine paths in committed results
+    metrics["model"] = str(where.relative_to(TINYWORLD_JUDGE.parents[1]) if where.is_relative_to(
+        TINYWORLD_JUDGE.parents[1]) else where)
     metrics["pipeline"] = type(pipe).__name__
     metrics["settings"] = {"quick": quick, "subset": subset, "prompts_per_group": cfg["per_group"], "images_per_prompt": n, "steps": steps, "guidance": guidance,
                            "scheduler": type(pipe.scheduler).__name__}

@@ -1,4 +1,4 @@
-"""Object-removed safe targets for SafeCtrl's stage 2, made by the backbone itself (``--stage2-target removed``).
+"""Object-removed safe targets made by the backbone itself (SafeCtrl's `--stage2-target removed`, SafePatch's `--target`).
 
 The data step's safe image of a pair is the backbone's image of the EDITED prompt (knife -> spoon, seed kept):
 a confuser drawn where the object was, a loose target for a block that should take the object out. Here every
@@ -84,7 +84,7 @@ def removed_targets(pipe, d, pairs: dict, batch: int = 32) -> dict:
     judge = open_judge(j["spec"], Path(j["config_file"]) if j.get("config_file") else None)
     lats, scores = [], []
     try:
-        for a in tqdm(range(0, len(prompts), batch), desc="stage2 removed targets", mininterval=2.0):
+        for a in tqdm(range(0, len(prompts), batch), desc="object-removed targets", mininterval=2.0):
             idx = list(range(a, min(a + batch, len(prompts))))
             traj = torch.from_numpy(d.traj_x[[pairs["index"][i] for i in idx]].astype(np.float32))
             lat = inpaint(pipe, traj, d.traj_t, int(d.info["steps"]), pairs["lat_unsafe"][idx], region[idx],
