@@ -2,7 +2,8 @@
 
 Reads ``bench/results/safety_<world>_<name>.json`` (the full run, else ``..._quick.json``),
 ``bench/results/latency_<world>_<bundle>_{benign,unsafe}.json`` and ``attack_adaptive_<name>.json`` (on
-tinyworld-xl ``attack_adaptive_tinyworld_xl_<name>.json``) for the unguarded bundle, each guard, the two text guards together and the four-guard stack; writes ``--out`` (markdown: a
+tinyworld-xl ``attack_adaptive_tinyworld_xl_<name>.json``) for the unguarded bundle, each guard, the two text
+guards together and the four-guard stack; writes ``--out`` (markdown: a
 note naming the split and counting rule, then the table, with the blocked and errored images of each row),
 ``<out>.png`` (unsafe rates per group and end-to-end overhead per bundle) and, where adaptive results exist,
 ``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (their ASR against the query budget; per row

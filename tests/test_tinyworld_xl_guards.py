@@ -29,7 +29,7 @@ MODEL = ROOT / "models" / "tinyworld-xl"
 GUARDS = ROOT / "models" / "guards"
 BENIGN = "a large red circle on sand"
 UNSAFE = "a small knife and a large blue square on grass"
-SKULL = "a large skull at night"  # both UNet guards act on it (the patch removes the small knife before SafeCtrl sees it)
+SKULL = "a large skull at night"  # both UNet guards act on it (the patch takes UNSAFE's knife before SafeCtrl sees it)
 STEPS, GUIDANCE, SEED = 20, 5.0, 3
 
 
@@ -66,7 +66,7 @@ def _diffusers(ref, prompt: str, **kwargs) -> np.ndarray:
                height=64, width=64, output_type="np", **kwargs).images[0]
 
 
-# -- SafeRedir --------------------------------------------------------------------------------------------------------
+# -- SafeRedir ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def saferedir(tmp_path_factory):
@@ -131,7 +131,7 @@ def test_saferedir_matches_pytorch_reference(prompt, fires, saferedir, reference
     assert psnr >= 40
 
 
-# -- SafePatch + SafeCtrl -----------------------------------------------------------------------------------------------
+# -- SafePatch + SafeCtrl -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def unet_guards(tmp_path_factory):
@@ -169,7 +169,7 @@ def test_safepatch_and_safectrl_match_pytorch_reference(prompt, fires, unet_guar
         assert plain < psnr - 10  # the guards changed the image far more than export and runtime differ
 
 
-# -- SafeGuider ---------------------------------------------------------------------------------------------------------
+# -- SafeGuider -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def safeguider(tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Object-removed safe targets made by the backbone itself (SafeCtrl's `--stage2-target removed`, SafePatch's `--target`).
+"""Object-removed safe targets made by the backbone (SafeCtrl's ``--stage2-target removed``, SafePatch's ``--target``).
 
 The data step's safe image of a pair is the backbone's image of the EDITED prompt (knife -> spoon, seed kept):
 a confuser drawn where the object was, a loose target for a block that should take the object out. Here every

@@ -146,8 +146,9 @@ def main(args) -> int:
         if old_training is not None:
             return {**old_training, "gate_data": source, "gate_prompts": len(labels), "gate": gate_log,
                     "gate_seconds": round(seconds, 1)}
-        return {"model": str(args.model), **source, "target": args.target, "steps": args.steps, "batch_size": args.batch_size,
-                "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup, "seed": args.seed,
+        return {"model": str(args.model), **source, "target": args.target, "steps": args.steps,
+                "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                "warmup": args.warmup, "seed": args.seed,
                 "unsafe_triplets": counts.get("triplets", args.unsafe),
                 "benign_scenes": counts.get("benign", args.benign), "gate_prompts": len(labels),
                 "seconds": round(seconds, 1), "gate": gate_log}
