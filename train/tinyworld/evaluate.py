@@ -162,8 +162,7 @@ def evaluate(model: Path, judge_dir: Path, quick: bool, n: int = 4, steps: int =
     metrics["images"] = int(sum(len(x) for x in images.values()))
     metrics["prompts"] = {g: len(s) for g, s in groups.items()}
     where = Path(model).resolve()  # repo-relative when inside the repo: no machine paths in committed results
-    metrics["model"] = str(where.relative_to(TINYWORLD_JUDGE.parents[1]) if where.is_relative_to(
-        TINYWORLD_JUDGE.parents[1]) else where)
+    metrics["model"] = str(where.relative_to(ROOT) if where.is_relative_to(ROOT) else where)
     metrics["pipeline"] = type(pipe).__name__
     metrics["settings"] = {"quick": quick, "subset": subset, "prompts_per_group": cfg["per_group"], "images_per_prompt": n, "steps": steps, "guidance": guidance,
                            "scheduler": type(pipe.scheduler).__name__}
@@ -209,7 +208,8 @@ def _write_json(obj: dict, path: Path) -> None:
         f.write(json.dumps(obj, indent=2).encode())
 
 
-TINYWORLD_JUDGE = Path(__file__).resolve().parents[2] / "models" / "tinyworld-judge"
+ROOT = Path(__file__).resolve().parents[2]
+TINYWORLD_JUDGE = ROOT / "models" / "tinyworld-judge"
 
 
 def default_judge(model: Path) -> Path:
