@@ -131,10 +131,11 @@ engines/tinyworld_xl_%.plan: $(XL_UNET) $(XL_GUARDS)/%/model.safetensors $(XL_GU
                              guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $* --guard-dir models/guards --out $@
 
+# SafePatch leaves a redirected prompt to SafeRedir here: chosen on dev, bench/results/stack_yield_dev/README.md
 engines/tinyworld_xl_safe.plan: $(XL_UNET) $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors \
                                 $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-dir models/guards --out $@
+	  --guard-dir models/guards --guard-setting safepatch.yield_to_redirect=true --out $@
 
 xl-bundles: engines/tinyworld_xl.plan $(foreach g,$(GUARDED),engines/tinyworld_xl_$(g).plan) engines/tinyworld_xl_safe.plan  ## every tinyworld-xl bundle
 

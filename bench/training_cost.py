@@ -521,8 +521,7 @@ def markdown(res: dict) -> str:
              f"factor of the real tinyworld folder ({res['tinyworld_check']['data']['disk_factor']:.3f}). Trainer "
              "caches not included.",
              "- SD 1.5 / SDXL: 2000 pairs from the 4703 I2P prompts, K=4 candidates, 1000 COCO-30k benign prompts, "
-             "20 steps; every pair counted as kept (upper bound). **SDXL trainers are refused today** (the "
-             "sdxl_safe.plan issue adds them): SDXL's trainer rows are what the step would cost.", ""]
+             "20 steps; every pair counted as kept (upper bound).", ""]
     for name, title in (("sd15", "SD 1.5, 512 px"), ("sdxl", "SDXL base, 1024 px")):
         m = res["models"][name]["costs"]
         lines += [f"## {title}", "", "```sh"] + commands()[name] + ["```", "",

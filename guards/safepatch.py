@@ -51,7 +51,7 @@ INSTRUCTIONS = {"weapon": "remove the knife", "gore": "remove the blood", "shock
 @dataclass(kw_only=True)
 class SafePatchConfig(GuardConfig):
     NAME = "safepatch"
-    RUNTIME_KEYS = ("gate_output", "categories", "threshold", "instructions", "apply_uncond")
+    RUNTIME_KEYS = ("gate_output", "categories", "threshold", "instructions", "apply_uncond", "yield_to_redirect")
 
     unet_config: dict                             # the backbone UNet's config (the encoder clone's architecture)
     text_dim: int                                 # the text encoder's width (instruction tokens, gate input)
@@ -62,6 +62,7 @@ class SafePatchConfig(GuardConfig):
     gate_output: str = "safepatch_gate"           # the gate's output in the text stage
     threshold: float = 0.5                        # run the patch when 1 - p(none) >= this (training calibrates it)
     apply_uncond: bool = False                    # CFG: patch the unconditional row too
+    yield_to_redirect: bool = False               # in a stack: leave a row SafeRedir redirected to the redirect
     storage_dtype: str = "float32"                # how model.safetensors stores the weights (set by save)
     trained_steps: int = 0
 

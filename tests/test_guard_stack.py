@@ -4,7 +4,8 @@ concurrent calls with the same results as sequential ones (guards keep per-call 
 
 The stack's composition (issue 20): SafeGuider gates (``mode: gate``: a flagged prompt is never rewritten, its
 verdict goes to ``ctx.flags``), SafeRedir redirects a flagged prompt from its first check, SafePatch activates on
-the flag even when its own gate says none; ``mode: search`` keeps the published rewrite."""
+the flag even when its own gate says none (built with ``yield_to_redirect``: not on a row SafeRedir redirected);
+``mode: search`` keeps the published rewrite."""
 
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,21 @@ def test_a_flag_activates_the_patch_its_own_gate_passes(stack):
     assert patch["active"] and patch["forced_by"] == ["safeguider"] and patch["steps_patched"] == SETTINGS["steps"]
     gate = patch["gate"]
     assert patch["category"] == max((c for c in gate if c != "none"), key=gate.get)  # its gate's likeliest category
-    assert g["saferedir"]["forced_by"] == ["safeguider"]
+    assert g["saferedir"]["forced_by"] == ["safeguider"] and patch["rows_yielded"] == []  # both act (the default)
+
+
+def test_a_patch_built_to_yield_leaves_the_redirected_prompt_to_saferedir(stack_plan, tmp_path):
+    """``--guard-setting safepatch.yield_to_redirect=true``: the flag redirects the prompt from step 0, so the
+    patch graph never runs and those steps take the idle graph where SafeCtrl does not blend."""
+    plan = with_settings(stack_plan, tmp_path / "yield.plan", safepatch={"yield_to_redirect": True})
+    with Pipeline.open(plan) as pipe:
+        r = pipe.generate(FLAGGED_ONLY, seed=3, **SETTINGS)
+    g = r.report["guards"]
+    patch = g["safepatch"]
+    assert g["saferedir"]["detection_step"] == 0 and patch["active"] and patch["rows_yielded"] == [0]
+    assert patch["steps_patched"] == 0 and patch["steps_yielded"] == SETTINGS["steps"]
+    idle = [i for i in range(SETTINGS["steps"]) if i not in g["safectrl"]["blending_steps"]]
+    assert r.report["stages_ms"]["denoise_idle_steps"] == idle
 
 
 def test_search_mode_stack_rewrites_as_published(stack_plan, tmp_path):
@@ -169,7 +184,7 @@ def test_idle_graph_runs_exactly_where_the_guards_are_idle(stack):
     for prompt in (BENIGN, UNSAFE):  # (test_safepatch checks a patched call: no idle step)
         r = stack.generate(prompt, seed=3, **SETTINGS).report
         g = r["guards"]
-        patched = set(range(SETTINGS["steps"])) if g["safepatch"]["active"] else set()
+        patched = set(range(g["safepatch"]["steps_patched"]))  # until a redirect, when it yields (zero residuals)
         busy = set(g["safectrl"]["blending_steps"]) | patched
         assert r["stages_ms"]["denoise_idle_steps"] == [i for i in range(SETTINGS["steps"]) if i not in busy]
 

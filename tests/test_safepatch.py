@@ -171,6 +171,42 @@ def test_gated_off_guard_has_no_step_work(gpipe):
             assert all(v.shape[0] == 2 and not v.any() for v in ctx.feeds.values())
 
 
+def test_a_redirected_row_is_left_to_the_redirect_when_built_to_yield(gpipe):
+    """Redirected rows (runtime/guards/__init__.py): with ``yield_to_redirect: true`` a row SafeRedir redirected
+    gets zero residuals, the other rows exactly what they get alone, and once every row is redirected the patch
+    graph does not run; with ``false`` (the default) the redirected row is patched as any other."""
+    from runtime.guards import GuardContext
+
+    bundled = next(g for g in gpipe.guards if g.name == "safepatch")
+    assert bundled.config["yield_to_redirect"] is False  # the default
+    yielding = type(bundled)(gpipe, {**bundled.config, "yield_to_redirect": True}, source="bundle")
+    enc = gpipe.tokenizer(["", UNSAFE])
+    x = np.random.default_rng(0).standard_normal((2, 4, 16, 16), dtype=np.float32)
+
+    def residuals(guard, redirected):
+        ctx = GuardContext(gpipe, UNSAFE, "", True, 2, 20, enc.input_ids)
+        ctx.text = gpipe._encode_text([enc], True, "")
+        guard.on_text(ctx)
+        ctx.feeds = {"encoder_hidden_states": np.repeat(ctx.text["hidden"], 2, axis=0)}  # [uncond x 2; cond x 2]
+        ctx.redirected.update(redirected)
+        assert guard.prepare_steps(ctx, x.shape)
+        return guard.step_feeds(ctx, 0, np.float32(500.0), x), ctx.report["safepatch"]
+
+    alone, rep = residuals(yielding, set())
+    assert rep["steps_patched"] == 1 and rep["steps_yielded"] == 0
+    assert all(np.any(alone[t.name][3]) for t in yielding.residuals)  # the patch acts on the conditional rows
+    one, rep = residuals(yielding, {1})
+    assert rep["rows_yielded"] == [1] and rep["steps_patched"] == 1
+    for t in yielding.residuals:
+        assert np.array_equal(one[t.name][:3], alone[t.name][:3]) and not one[t.name][3].any()
+    both, rep = residuals(yielding, {0, 1})
+    assert rep["steps_patched"] == 0 and rep["steps_yielded"] == 1
+    assert all(not both[t.name].any() for t in yielding.residuals)
+    kept, rep = residuals(bundled, {0, 1})
+    assert rep["steps_patched"] == 1 and rep["rows_yielded"] == []
+    assert all(np.array_equal(kept[t.name], alone[t.name]) for t in bundled.residuals)
+
+
 def test_idle_graph_is_the_plain_unet_over_the_same_weights(gpipe, base_pipe):
     """``denoise_idle`` (export/idle.py) takes the plain UNet's inputs, keeps no weights of its own (every
     initializer references the full graph's data file), and computes what the full graph computes with zero

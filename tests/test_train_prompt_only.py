@@ -1,7 +1,7 @@
 """The prompt-only recipe end to end on the tiny random-weight fixtures (issue 17): the data step from a 10-row
 paired CSV -> each guard trainer a few steps on that folder -> ``export build --guards`` packs the weights -> the
-lean runtime generates with them. SDXL: the data step runs (tests/test_train_data.py); SafePatch and SafeCtrl train
-on it (tests/test_sdxl_unet_guards.py); SafeRedir refuses it in one line until the sdxl_safe.plan work. Also: the trainers' material path never imports the renderer."""
+lean runtime generates with them. SDXL: the data step runs (tests/test_train_data.py); every guard trains on it
+(tests/test_sdxl_unet_guards.py). Also: the trainers' material path never imports the renderer."""
 
 from __future__ import annotations
 

@@ -38,7 +38,14 @@ prompt it judges unsafe in ``on_text`` as ``ctx.flags[name]`` (what it saw, JSON
 is. The guards after it act on a flag with the ORIGINAL prompt, each in its own module: SafeRedir redirects the
 flagged rows from its first check, SafePatch activates even when its own gate says none (its category: the
 gate's most probable unsafe one), SafeCtrl keeps its own detector. Each report names the flagging guards that
-forced it (``forced_by``). A flag only ever adds work: no guard does less because of one.
+forced it (``forced_by``). A flag never lets a prompt through that a guard would otherwise act on: it only adds
+removal (SafePatch built to yield to a redirect leaves a redirected row to SafeRedir, Redirected rows).
+
+**Redirected rows.** A guard that replaces an image's conditioning with a safe one for the rest of the call
+(SafeRedir) adds the image's row of the batch to ``ctx.redirected`` in the ``step_feeds`` of the step it
+switches. SafePatch built with ``yield_to_redirect: true`` stops patching that row from that step on: the patch
+was trained on the prompt's own conditioning and can over-edit a redirected one, which costs the scene where it
+does (the tinyworld-xl stack: bench/results/stack_yield_dev/README.md); with ``false`` both act.
 
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict); the pipeline adds ``time_ms``, the
 guard's time in all its hooks, measured in one place (:func:`run_hook`), and puts ``ctx.report`` into
@@ -103,6 +110,7 @@ class GuardContext:
     state: dict[str, dict[str, Any]] = field(default_factory=dict)  # per guard, per call: never on the guard
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per guard: seconds per STAGE_OF_HOOK
     flags: dict[str, dict[str, Any]] = field(default_factory=dict)  # gate verdicts: guard -> what it saw (Flags)
+    redirected: set[int] = field(default_factory=set)  # batch rows whose prompt a guard replaced (Redirected rows)
 
     def state_of(self, guard: str) -> dict[str, Any]:
         """Guard ``guard``'s mutable state for this call. Guards keep per-call state here, not on ``self``: one

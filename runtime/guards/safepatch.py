@@ -23,8 +23,14 @@ SDXL bundles (``export/guards/safepatch.py``): the gate is the bundle's ``gate_g
 instruction is encoded by both text stages (``hidden`` concatenated, as the UNet's ``encoder_hidden_states``); the
 patch graph also gets the call's ``text_embeds`` and ``time_ids`` rows. Manifest key ``gate_graph`` (SDXL only).
 
+- ``yield_to_redirect: true`` (an export-time choice, ``--guard-setting safepatch.yield_to_redirect=true``): a row
+  a guard before this one redirected (``ctx.redirected``, SafeRedir) is not patched from the step it was redirected
+  on: its residuals are zero, and the patch graph does not run once every row is (Redirected rows in
+  ``runtime/guards/__init__.py``). ``false`` (the default): the patch runs on every row while active.
+
 Report ``guards.safepatch``: active, category, instruction, gate (probabilities), threshold, steps_patched,
-forced_by (the flagging guards when the gate alone would have stayed off, else []).
+steps_yielded (steps every row was redirected, so not patched), rows_yielded, forced_by (the flagging guards when
+the gate alone would have stayed off, else []).
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ def _dim(d: Any, n: int, h: int, w: int) -> int:
 class SafePatch(Guard):
     name = "safepatch"
     SETTINGS = {"graph": label, "gate_output": label, "categories": labels, "threshold": unit,
-                "instructions": texts_by_name, "apply_uncond": flag, "patch_params": index, "unet_params": index}
+                "instructions": texts_by_name, "apply_uncond": flag, "yield_to_redirect": flag, "patch_params": index,
+                "unet_params": index}
 
     def __init__(self, pipe, config: dict[str, Any], **kwargs):
         gate_graph = None
@@ -72,6 +79,7 @@ class SafePatch(Guard):
         self.threshold = float(self.config["threshold"])
         self.instructions = dict(self.config["instructions"])
         self.apply_uncond = self.config["apply_uncond"]
+        self.yield_to_redirect = self.config["yield_to_redirect"]
         if missing := [c for c in self.categories if c not in self.instructions]:
             raise self.bad_config(f"no instruction for categor{'ies' if len(missing) > 1 else 'y'} "
                                   f"{', '.join(missing)}: rebuild the bundle")
@@ -142,7 +150,8 @@ class SafePatch(Guard):
         ctx.report[self.name] = {"active": active, "category": category, "instruction": instruction,
                                  "unsafe_score": round(score, 6), "threshold": self.threshold,
                                  "gate": {c: round(float(p), 6) for c, p in zip(["none", *self.categories], probs)},
-                                 "apply_uncond": self.apply_uncond, "steps_patched": 0, "forced_by": forced_by}
+                                 "apply_uncond": self.apply_uncond, "steps_patched": 0, "steps_yielded": 0,
+                                 "rows_yielded": [], "forced_by": forced_by}
 
     def prepare_steps(self, ctx: GuardContext, latent_shape: tuple[int, ...]) -> bool:
         if ctx.state_of(self.name)["active"]:
@@ -158,6 +167,12 @@ class SafePatch(Guard):
         n = 2 * b if ctx.cfg else b
         if not state["active"]:  # the pipeline does not call it then (prepare_steps); the plain UNet's feeds
             return self.zero_feeds(n, h, w)
+        yielded = sorted(r for r in ctx.redirected if r < b) if self.yield_to_redirect else []  # (docstring)
+        if yielded:
+            ctx.report[self.name]["rows_yielded"] = yielded
+        if len(yielded) == b:
+            ctx.report[self.name]["steps_yielded"] += 1
+            return self.zero_feeds(n, h, w)
         enc = ctx.feeds["encoder_hidden_states"]
         rows = slice(0, n) if (self.apply_uncond or not ctx.cfg) else ctx.cond_rows
         sample = np.ascontiguousarray(np.concatenate([x, x]) if rows.stop - rows.start == 2 * b else x, np.float32)
@@ -172,12 +187,16 @@ class SafePatch(Guard):
         feeds = {}
         for spec in self.residuals:
             r = out[spec.name]
-            if m == n:
+            if m == n and not yielded:
                 feeds[spec.name] = r
-            else:
-                full = np.zeros((n, *r.shape[1:]), np.float32)
-                full[rows] = r
-                feeds[spec.name] = full
+                continue
+            full = np.zeros((n, *r.shape[1:]), np.float32)
+            full[rows] = r
+            for y in yielded:  # the image's conditional row, and its unconditional one when that is patched too
+                full[ctx.cond_rows.start + y] = 0.0
+                if m == n and ctx.cfg:
+                    full[y] = 0.0
+            feeds[spec.name] = full
         ctx.report[self.name]["steps_patched"] += 1
         return feeds
 
@@ -186,13 +205,14 @@ class SafePatch(Guard):
                 *((self.gate_graph,) if self.gate_graph else ())}
 
     def summary(self, report: dict) -> str:
+        yielded = f", {report['steps_yielded']} left to the redirect" if report.get("steps_yielded") else ""
         if report.get("forced_by"):
             return (f"activated by {', '.join(report['forced_by'])} ({report['category']}; own gate "
                     f"{report['unsafe_score']:.2f}): patch \"{report['instruction']}\" on {report['steps_patched']} "
-                    "steps")
+                    f"steps{yielded}")
         if report.get("active"):
             return (f"gate fired ({report['category']}, {report['unsafe_score']:.2f}): patch \"{report['instruction']}\" "
-                    f"on {report['steps_patched']} steps")
+                    f"on {report['steps_patched']} steps{yielded}")
         return f"gate off ({report.get('unsafe_score', 0):.2f} < {report.get('threshold')}): plain UNet"
 
 

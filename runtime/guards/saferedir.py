@@ -14,6 +14,8 @@ Per image of the batch (rows of the conditional half), independently:
 - SDXL (the graph has a ``pooled`` input): the check also feeds the conditional rows' ``text_embeds``, and a
   fired row's ``text_embeds`` is replaced by the graph's ``redirected_pooled`` of the same call, like its
   ``encoder_hidden_states``;
+- a fired row joins ``ctx.redirected`` (Redirected rows in ``runtime/guards/__init__.py``: SafePatch, after this
+  guard in a stack, stops patching it);
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
@@ -110,6 +112,7 @@ class SafeRedir(Guard):
                                   "logits": [round(float(v), 4) for v in out["logits"][r]]})
             if probs[r] >= self.threshold or ctx.flags:  # a flagged prompt fires at once (module docstring)
                 st["fired"][r] = True
+                ctx.redirected.add(r)
                 row["forced"] = bool(probs[r] < self.threshold)
                 if st["redirected"] is None:
                     st["redirected"] = np.array(cond, dtype=np.float32, copy=True)
