@@ -149,6 +149,9 @@ def test_stack_composition_is_settled_at_export():
     assert parts(*GUARDS)["safeguider"]["mode"] == "gate"
     assert parts(*GUARDS, safeguider={"mode": "search"})["safeguider"]["mode"] == "search"
     assert parts(*GUARDS, safeguider={"on_no_qualifier": "block"})["safeguider"]["on_no_qualifier"] == "block"
+    assert parts(*GUARDS, safepatch={"yield_to_redirect": True})["safepatch"]["yield_to_redirect"] is True
+    with pytest.raises(BadInputError, match=re.escape("safepatch.yield_to_redirect='yes' must be true or false")):
+        parts(*GUARDS, safepatch={"yield_to_redirect": "yes"})
     assert guard_settings(["safeguider.mode=search", "saferedir.threshold=0.3"]) == {
         "safeguider": {"mode": "search"}, "saferedir": {"threshold": 0.3}}
     for bad, words in (({"safeguider": {"mode": "off"}}, "must be one of search, gate"),

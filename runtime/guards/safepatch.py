@@ -167,7 +167,8 @@ class SafePatch(Guard):
         n = 2 * b if ctx.cfg else b
         if not state["active"]:  # the pipeline does not call it then (prepare_steps); the plain UNet's feeds
             return self.zero_feeds(n, h, w)
-        yielded = sorted(r for r in ctx.redirected if r < b) if self.yield_to_redirect else []  # (docstring)
+        # rows SafeRedir redirected are left to it when the bundle says so (module docstring)
+        yielded = sorted(r for r in ctx.redirected if r < b) if self.yield_to_redirect else []
         if yielded:
             ctx.report[self.name]["rows_yielded"] = yielded
         if len(yielded) == b:

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tinyworld: attack-style variants per unsafe training caption (misspellings, splits, "
                         "fragments, reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = "
                         "none)")
+    p.add_argument("--mine-rounds", type=int, default=0,
+                   help="tinyworld: rounds of hard negatives found by the search itself (train, search unsafe training "
+                        "captions, add the prompts it settles on that keep unsafe words, train again; "
+                        "train/safeguider/mining.py; default %(default)s)")
+    p.add_argument("--mine-prompts", type=int, default=2000,
+                   help="unsafe training captions searched per mining round (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -59,7 +65,7 @@ def main(args) -> int:
     import torch
 
     from export.families import BackboneError, load_backbone
-    from train.loop import setup
+    from train.loop import seed_everything, setup
 
     from .data import csv_prompts, encoder_widths, eos_embeddings, i2p_coco_prompts, split, tinyworld_prompts
     from .train import fit
@@ -79,6 +85,10 @@ def main(args) -> int:
         rows, source = i2p_coco_prompts(args.i2p, args.coco, seed=args.seed), f"{args.i2p} + {args.coco}"
     else:
         rows, source = tinyworld_prompts(args.prompts, args.seed), "tinyworld guard split"
+    if args.mine_rounds > 0 and source != "tinyworld guard split":
+        print("error: --mine-rounds needs the tinyworld guard split (its unsafe-phrase rule labels what the search "
+              "settles on); drop it with --csv / --i2p")
+        return 2
     captions, val_rows = split(rows, args.val_fraction, args.seed)
     train_rows, augmented, adversarial, checks = list(captions), 0, 0, {}
     if source == "tinyworld guard split":
@@ -89,13 +99,40 @@ def main(args) -> int:
         return x, torch.tensor([label for _, label in rs], dtype=torch.long)
 
     (tx, ty), (vx, vy) = tensors(train_rows), tensors(val_rows)
+    train_kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                        seed=args.seed, encoder_widths=encoder_widths(backbone))
+    mined = []
+    if args.mine_rounds > 0:
+        from guards.safeguider import SafeGuiderClassifier
+
+        from .mining import mine
+
+        exclude = {p for p, _ in train_rows} | {p for p, _ in val_rows}
+        for k in range(args.mine_rounds):  # round k: <out>/mining/round<k> (resumable; removed at the end)
+            folder = args.out / "mining" / f"round{k}"
+            if not (folder / "model.safetensors").is_file():
+                seed_everything(args.seed)  # every fit starts from the same seed, as a fresh run would
+                fit(accelerator, tx, ty, vx, vy, folder, resume=True, meta={"mine_round": k, "train_prompts": len(ty)},
+                    **train_kwargs)
+            found = mine(SafeGuiderClassifier.from_pretrained(folder), backbone, captions, args.mine_prompts,
+                         args.seed + k, exclude)
+            exclude |= {p for p, _ in found}
+            mined += found
+            mx, my = tensors(found)
+            tx, ty = torch.cat([tx, mx]), torch.cat([ty, my])
+            print(f"safeguider mining round {k + 1}: {len(found)} hard negatives ({len(mined)} in all)")
+        seed_everything(args.seed)
     meta = {"model": str(args.model), "source": source,
-            "prompts": len(rows), "train_prompts": len(train_rows), "val_prompts": len(val_rows),
+            "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),
             "unsafe_prompts": sum(1 for _, label in rows if label == 0), "seed": args.seed,
-            "deletion_variants": augmented, "adversarial_variants": adversarial}
-    log = fit(accelerator, tx, ty, vx, vy, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-              momentum=args.momentum, seed=args.seed, resume=args.resume, meta=meta,
-              checks={name: tensors(rs) for name, rs in checks.items()}, encoder_widths=encoder_widths(backbone))
+            "deletion_variants": augmented, "adversarial_variants": adversarial, "mined_variants": len(mined),
+            "mine_rounds": args.mine_rounds}
+    log = fit(accelerator, tx, ty, vx, vy, args.out, resume=args.resume, meta=meta,
+              checks={name: tensors(rs) for name, rs in checks.items()}, **train_kwargs)
+    if args.mine_rounds > 0:
+        import shutil
+
+        shutil.rmtree(args.out / "mining", ignore_errors=True)
     print(f"safeguider: train acc {log['train'].get('accuracy', 0):.4f}, val acc {log['val'].get('accuracy', 0):.4f} "
           f"({len(val_rows)} held-out prompts)" + "".join(f", {name} acc {log[name].get('accuracy', 0):.4f}"
                                                           for name in checks) + f" -> {args.out}")
