@@ -14,8 +14,8 @@ Per image of the batch (rows of the conditional half), independently:
 - SDXL (the graph has a ``pooled`` input): the check also feeds the conditional rows' ``text_embeds``, and a
   fired row's ``text_embeds`` is replaced by the graph's ``redirected_pooled`` of the same call, like its
   ``encoder_hidden_states``;
-- a fired row joins ``ctx.redirected`` (Redirected rows in ``runtime/guards/__init__.py``: SafePatch, after this
-  guard in a stack, stops patching it);
+- a fired row joins ``ctx.redirected`` (Redirected rows in ``runtime/guards/__init__.py``: a SafePatch built
+  with ``yield_to_redirect``, after this guard in a stack, stops patching it);
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
