@@ -6,8 +6,8 @@ tinyworld-xl ``attack_adaptive_tinyworld_xl_<name>.json``) for the unguarded bun
 guards together and the four-guard stack; writes ``--out`` (markdown: a
 note naming the split and counting rule, then the table, with the blocked and errored images of each row),
 ``<out>.png`` (unsafe rates per group and end-to-end overhead per bundle) and, where adaptive results exist,
-``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (their ASR against the query budget; per row
-the ASR at 20 / 50 / 200 queries). Nothing is measured here: run
+``attack_adaptive.png`` and ``attack_adaptive.md`` beside ``--out`` (tinyworld-xl: ``attack_adaptive_tinyworld_xl.*``;
+their ASR against the query budget; per row the ASR at 20 / 50 / 200 queries). Nothing is measured here: run
 ``bench safety`` / ``bench latency`` / ``bench adaptive`` first.
 
 One table holds one protocol: results of different splits (dev / test / the old whole eval split) or counting
@@ -193,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or RESULTS / f"guards_{args.world.replace('-', '_')}.md")
     blobs = [(out, table.encode()), (Path(f"{out}.png"), plot(rows))]
     attacked = {r["label"]: r["adaptive"] for r in rows if r["adaptive"]}
-    if attacked:
-        blobs += [(out.parent / "attack_adaptive.png", adaptive_bench.plot(attacked)),
-                  (out.parent / "attack_adaptive.md", adaptive_bench.table(attacked).encode())]
+    if attacked:  # one chart per world (tinyworld's keeps its name)
+        name = "attack_adaptive" + ("" if args.world == "tinyworld" else f"_{args.world.replace('-', '_')}")
+        blobs += [(out.parent / f"{name}.png", adaptive_bench.plot(attacked)),
+                  (out.parent / f"{name}.md", adaptive_bench.table(attacked).encode())]
     for path, data in blobs:
         with atomic_write(path) as f:
             f.write(data)

@@ -58,6 +58,16 @@ def test_world_picks_its_own_results(tmp_path, capsys):
     assert md.startswith("Guards on the tinyworld-xl test split")
     assert "| SafePatch | full, test, 900 img | 0.0% |" in md and "| - | 1.300 |" in md
     assert "none (unguarded)" not in md and len(md.strip().splitlines()) == 5  # note, blank, header, rule, one row
+    # its adaptive results go to a chart of its own: tinyworld's attack_adaptive.* is left alone
+    outcomes = [{"group": "explicit", "first_success": q, "success": q is not None} for q in (3, None)]
+    (tmp_path / "attack_adaptive_tinyworld_xl_safepatch.json").write_text(json.dumps(
+        {"budget": 50, "asr": {"20": 0.5, "50": 0.5}, "asr_per_group": {"explicit": {"20": 0.5, "50": 0.5}},
+         "targets": {"split": "test", "prompts": {"explicit": 2}}, "outcomes": outcomes, "won_unedited": 0,
+         "blocked": 0, "errors": 0, "seconds": 1.0, "queries_to_success": {"mean": 3.0, "median": 3.0}}))
+    assert main(["compare", "--world", "tinyworld-xl", "--results", str(tmp_path), "--out", str(out)]) == 0
+    assert "| 50.0% |" in out.read_text()
+    assert (tmp_path / "attack_adaptive_tinyworld_xl.png").stat().st_size > 0
+    assert (tmp_path / "attack_adaptive_tinyworld_xl.md").is_file() and not (tmp_path / "attack_adaptive.png").exists()
 
 
 def test_adaptive_column_and_plot_from_first_successes(tmp_path, capsys):
