@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train/safeguider/mining.py; default %(default)s)")
     p.add_argument("--mine-prompts", type=int, default=2000,
                    help="unsafe training captions searched per mining round (default %(default)s)")
+    p.add_argument("--mine-judge", default=None,
+                   help="label what the search settles on by the backbone's images and this judge (tinyworld, "
+                        "nudenet or an ONNX image classifier, as `train data --judge`); any prompt source. Default: "
+                        "tinyworld's unsafe-phrase rule")
+    p.add_argument("--mine-images", type=int, default=2,
+                   help="--mine-judge: images per mined prompt; unsafe when the judge finds any (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -85,10 +91,22 @@ def main(args) -> int:
         rows, source = i2p_coco_prompts(args.i2p, args.coco, seed=args.seed), f"{args.i2p} + {args.coco}"
     else:
         rows, source = tinyworld_prompts(args.prompts, args.seed), "tinyworld guard split"
-    if args.mine_rounds > 0 and source != "tinyworld guard split":
-        print("error: --mine-rounds needs the tinyworld guard split (its unsafe-phrase rule labels what the search "
-              "settles on); drop it with --csv / --i2p")
+    if args.mine_rounds > 0 and source != "tinyworld guard split" and args.mine_judge is None:
+        print("error: --mine-rounds with --csv / --i2p needs --mine-judge (tinyworld's unsafe-phrase rule labels "
+              "only its own captions): add --mine-judge nudenet or --mine-judge FILE.onnx")
         return 2
+    judge, guidance = None, None
+    if args.mine_rounds > 0 and args.mine_judge is not None:
+        from export.tensorrt import select_build_profile
+        from runtime.errors import RuntimeToolError
+        from train.data.judge import open_judge
+
+        try:
+            judge = open_judge(args.mine_judge)
+        except RuntimeToolError as e:
+            print(f"error: --mine-judge: {e}")
+            return int(e.exit_code)
+        guidance = float(select_build_profile(backbone)["defaults"]["guidance_scale"])
     captions, val_rows = split(rows, args.val_fraction, args.seed)
     train_rows, augmented, adversarial, checks = list(captions), 0, 0, {}
     if source == "tinyworld guard split":
@@ -103,7 +121,10 @@ def main(args) -> int:
                         seed=args.seed, encoder_widths=encoder_widths(backbone))
     mined = []
     if args.mine_rounds > 0:
+        import json
+
         from guards.safeguider import SafeGuiderClassifier
+        from runtime.bundle import atomic_write
 
         from .mining import mine
 
@@ -114,19 +135,29 @@ def main(args) -> int:
                 seed_everything(args.seed)  # every fit starts from the same seed, as a fresh run would
                 fit(accelerator, tx, ty, vx, vy, folder, resume=True, meta={"mine_round": k, "train_prompts": len(ty)},
                     **train_kwargs)
-            found = mine(SafeGuiderClassifier.from_pretrained(folder), backbone, captions, args.mine_prompts,
-                         args.seed + k, exclude)
+            rows_file = folder / "mined.json"  # a resumed run does not search and draw a finished round again
+            if rows_file.is_file():
+                found = [(p, int(label)) for p, label in json.loads(rows_file.read_text())]
+            else:
+                found = mine(SafeGuiderClassifier.from_pretrained(folder), backbone, captions, args.mine_prompts,
+                             args.seed + k, exclude, judge=judge, images=args.mine_images, guidance=guidance or 5.0)
+                with atomic_write(rows_file) as f:
+                    f.write(json.dumps(found).encode())
             exclude |= {p for p, _ in found}
             mined += found
-            mx, my = tensors(found)
-            tx, ty = torch.cat([tx, mx]), torch.cat([ty, my])
-            print(f"safeguider mining round {k + 1}: {len(found)} hard negatives ({len(mined)} in all)")
+            if found:
+                mx, my = tensors(found)
+                tx, ty = torch.cat([tx, mx]), torch.cat([ty, my])
+            print(f"safeguider mining round {k + 1}: {len(found)} prompts the search settles on, "
+                  f"{sum(1 for _, label in found if label == 0)} of them unsafe ({len(mined)} in all)")
         seed_everything(args.seed)
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),
             "unsafe_prompts": sum(1 for _, label in rows if label == 0), "seed": args.seed,
             "deletion_variants": augmented, "adversarial_variants": adversarial, "mined_variants": len(mined),
-            "mine_rounds": args.mine_rounds}
+            "mined_unsafe": sum(1 for _, label in mined if label == 0), "mine_rounds": args.mine_rounds,
+            "mine_label": ({k: judge.describe()[k] for k in ("spec", "sha256", "threshold")} if judge is not None
+                           else "unsafe-phrase rule") if mined else None, "mine_images": args.mine_images if judge else None}
     log = fit(accelerator, tx, ty, vx, vy, args.out, resume=args.resume, meta=meta,
               checks={name: tensors(rs) for name, rs in checks.items()}, **train_kwargs)
     if args.mine_rounds > 0:

@@ -1,13 +1,19 @@
-"""Hard negatives for SafeGuider's classifier, found by its own search (tinyworld; our addition to the recipe).
+"""Hard negatives for SafeGuider's classifier, found by its own search (our addition to the recipe).
 
 The SAFE beam search optimises word deletions against the classifier, so it ends where the classifier is wrong. On
 tinyworld-xl, 54% of the searches over unsafe guard-split captions ended on a prompt that still held words of an
 unsafe phrase: a dangling "a small" that the backbone completes with the object
 (bench/results/tinyworld_xl_dev/safeguider/README.md). A mining round runs that search (the runtime's own
 :func:`runtime.guards.safeguider.beam_search`, with the settings the bundle will run) with the classifier just
-trained, over unsafe TRAINING captions, and labels each prompt it settles on by the rule of
-:func:`train.safeguider.data.deletion_variants`: unsafe while any word of an unsafe phrase is left. Those rows join
-the training set and the classifier is trained again from the same seed.
+trained, over unsafe TRAINING captions, labels the prompts it settles on, and the classifier is trained again from
+the same seed with those rows added. Two labellings:
+
+- ``rule`` (tinyworld only): unsafe while any word of an unsafe phrase is left (the rule of
+  :func:`train.safeguider.data.deletion_variants`); only those rows are added;
+- ``judge`` (any backbone; what a deployer has): every prompt the search settles on is drawn by the backbone
+  (``images`` images at fixed seeds, :class:`train.data.generate.Sampler`) and labelled unsafe when the judge
+  finds any image unsafe, safe otherwise; both kinds are added, so the safe ends teach the classifier that a
+  fragment is not unsafe for being one.
 """
 
 from __future__ import annotations
@@ -18,34 +24,69 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import UNSAFE, eos_embeddings, unsafe_spans
+from .data import SAFE, UNSAFE, eos_embeddings, unsafe_spans
+
+JUDGE_SEED = 7_000_000  # the judge's images of mined prompt i: seeds JUDGE_SEED + images * i + k
 
 
-def mine(classifier, backbone, captions: list[tuple[str, int]], n: int, seed: int = 0,
-         exclude: set[str] = frozenset(), progress: bool = True) -> list[tuple[str, int]]:
-    """Up to ``n`` unsafe ``captions`` (a seeded sample) searched with ``classifier``: the distinct prompts the
-    search settles on that still hold unsafe words, labelled unsafe (none of them in ``exclude``)."""
+def search_ends(classifier, backbone, prompts: list[str], progress: bool = True) -> list[tuple[str, object]]:
+    """(prompt, SearchResult) for each of ``prompts`` the classifier flags, searched as the runtime does."""
     from runtime.guards.safeguider import beam_search
 
     cfg = classifier.config
     threshold = float(cfg.threshold)
 
     @torch.no_grad()
-    def score(prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        eos = eos_embeddings(backbone, prompts)
+    def score(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        eos = eos_embeddings(backbone, batch)
         return classifier.safe_score(eos).numpy(), eos.numpy()
 
-    unsafe = [p for p, label in captions if label == UNSAFE]
-    random.Random(f"safeguider-mining:{seed}").shuffle(unsafe)
-    seen, out = set(exclude), []
-    for prompt in tqdm(unsafe[:n], desc="safeguider mining", disable=not progress):
+    out = []
+    for prompt in tqdm(prompts, desc="safeguider mining: search", disable=not progress):
         safe, eos = score([prompt])
         if safe[0] > threshold:  # passed unsearched: the plain training rows cover it
             continue
-        found = beam_search(prompt, score, float(safe[0]), eos[0], beam_width=cfg.beam_width, max_depth=cfg.max_depth,
-                            qualify_score=cfg.qualify_score, min_similarity=cfg.min_similarity)
-        gone = set(found.removed)
-        if any(span - gone for span in unsafe_spans(prompt.split())) and found.prompt not in seen:
-            seen.add(found.prompt)
-            out.append((found.prompt, UNSAFE))
+        out.append((prompt, beam_search(prompt, score, float(safe[0]), eos[0], beam_width=cfg.beam_width,
+                                        max_depth=cfg.max_depth, qualify_score=cfg.qualify_score,
+                                        min_similarity=cfg.min_similarity)))
     return out
+
+
+def judge_labels(backbone, judge, prompts: list[str], images: int = 2, steps: int = 20, guidance: float = 5.0,
+                 batch: int = 16, progress: bool = True) -> np.ndarray:
+    """(n,) labels of ``prompts``: UNSAFE when the judge finds any of the backbone's ``images`` images unsafe."""
+    from train.data.generate import Sampler
+
+    seeds = [JUDGE_SEED + images * i + k for i in range(len(prompts)) for k in range(images)]
+    with tqdm(total=len(seeds), desc="safeguider mining: judge", unit="img", disable=not progress) as bar:
+        sampler = Sampler(backbone, steps, guidance, batch, progress=bar.update)
+        try:
+            drawn = sampler([p for p in prompts for _ in range(images)], seeds).images
+        finally:
+            sampler.close()
+    unsafe = (judge.scores(drawn) >= judge.threshold).reshape(len(prompts), images).any(axis=1)
+    return np.where(unsafe, UNSAFE, SAFE)
+
+
+def mine(classifier, backbone, captions: list[tuple[str, int]], n: int, seed: int = 0,
+         exclude: set[str] = frozenset(), progress: bool = True, judge=None, images: int = 2, steps: int = 20,
+         guidance: float = 5.0) -> list[tuple[str, int]]:
+    """Up to ``n`` unsafe ``captions`` (a seeded sample) searched with ``classifier``; the distinct prompts the
+    search settles on (none of them in ``exclude``), labelled by the phrase rule (``judge`` None: only the unsafe
+    ones) or by the backbone's images and ``judge`` (module docstring)."""
+    unsafe = [p for p, label in captions if label == UNSAFE]
+    random.Random(f"safeguider-mining:{seed}").shuffle(unsafe)
+    seen, ends = set(exclude), []
+    for prompt, found in search_ends(classifier, backbone, unsafe[:n], progress):
+        if found.prompt in seen:
+            continue
+        if judge is None:
+            gone = set(found.removed)
+            if not any(span - gone for span in unsafe_spans(prompt.split())):
+                continue
+        seen.add(found.prompt)
+        ends.append(found.prompt)
+    if judge is None:
+        return [(p, UNSAFE) for p in ends]
+    labels = judge_labels(backbone, judge, ends, images, steps, guidance, progress=progress) if ends else []
+    return [(p, int(label)) for p, label in zip(ends, labels)]
