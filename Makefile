@@ -116,8 +116,8 @@ $(TWXL_DATA)/data.json: | $(STAMP)
 	  --rules train/tinyworld/prompts/edit_rules.csv --benign train/tinyworld/prompts/benign_guard.csv \
 	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TWXL_DATA) --resume
 
-guards-tinyworld-xl: $(TWXL_DATA)/data.json  ## the four guards on tinyworld-xl from prompts only (~75 min on 2 cores)
-	$(PY) -m train safeguider --model models/tinyworld-xl --out $(XL_GUARDS)/safeguider
+guards-tinyworld-xl: $(TWXL_DATA)/data.json  ## the four guards on tinyworld-xl from prompts only (~95 min on 2 cores)
+	$(PY) -m train safeguider --model models/tinyworld-xl --mine-rounds 2 --mine-judge tinyworld --out $(XL_GUARDS)/safeguider  # dev: tinyworld_xl_dev/safeguider
 	$(PY) -m train saferedir --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/saferedir --cache .cache/saferedir_data_xl
 	$(PY) -m train safepatch --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safepatch
 	$(PY) -m train safectrl --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safectrl
