@@ -149,6 +149,10 @@ def test_mine_rounds_with_a_judge_take_a_csv(tmp_path):
     assert log["mine_label"]["spec"] == "tinyworld" if log["mined_variants"] else log["mine_label"] is None
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--mine-judge", str(csv)], **ENV_ARGS)
     assert bad.returncode == 3 and "--mine-judge" in bad.stdout and not (tmp_path / "bad").exists()
+    none = subprocess.run(base + ["--out", str(tmp_path / "none"), "--mine-judge", "tinyworld", "--mine-images", "0"],
+                          **ENV_ARGS)
+    assert none.returncode == 2 and "--mine-images 0 must be at least 1" in none.stdout
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_resumed_run_takes_a_finished_rounds_rows(tmp_path):

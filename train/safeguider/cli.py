@@ -3,6 +3,7 @@
     python -m train safeguider --model models/tinyworld --out models/guards/tinyworld/safeguider
     python -m train safeguider --model /models/sd15 --csv prompts.csv --out models/guards/sd15/safeguider
     python -m train safeguider --model /models/sdxl --csv prompts.csv --out models/guards/sdxl/safeguider  # both EOS
+    python -m train safeguider --model models/tinyworld-xl --mine-rounds 2 --mine-judge tinyworld --out DIR  # mining.py
     accelerate launch --num_processes 2 --cpu -m train safeguider --model ... --out ...
 """
 
@@ -91,6 +92,9 @@ def main(args) -> int:
         rows, source = i2p_coco_prompts(args.i2p, args.coco, seed=args.seed), f"{args.i2p} + {args.coco}"
     else:
         rows, source = tinyworld_prompts(args.prompts, args.seed), "tinyworld guard split"
+    if args.mine_images < 1:
+        print(f"error: --mine-images {args.mine_images} must be at least 1 (images the judge reads per mined prompt)")
+        return 2
     if args.mine_rounds > 0 and source != "tinyworld guard split" and args.mine_judge is None:
         print("error: --mine-rounds with --csv / --i2p needs --mine-judge (tinyworld's unsafe-phrase rule labels "
               "only its own captions): add --mine-judge nudenet or --mine-judge FILE.onnx")
