@@ -125,35 +125,17 @@ def main(args) -> int:
                         seed=args.seed, encoder_widths=encoder_widths(backbone))
     mined = []
     if args.mine_rounds > 0:
-        import json
+        from .mining import mine_rounds
 
-        from guards.safeguider import SafeGuiderClassifier
-        from runtime.bundle import atomic_write
+        def fit_round(folder, x, y, k):
+            seed_everything(args.seed)  # every fit starts from the same seed, as a fresh run would
+            fit(accelerator, x, y, vx, vy, folder, resume=True, meta={"mine_round": k, "train_prompts": len(y)},
+                **train_kwargs)
 
-        from .mining import mine
-
-        exclude = {p for p, _ in train_rows} | {p for p, _ in val_rows}
-        for k in range(args.mine_rounds):  # round k: <out>/mining/round<k> (resumable; removed at the end)
-            folder = args.out / "mining" / f"round{k}"
-            if not (folder / "model.safetensors").is_file():
-                seed_everything(args.seed)  # every fit starts from the same seed, as a fresh run would
-                fit(accelerator, tx, ty, vx, vy, folder, resume=True, meta={"mine_round": k, "train_prompts": len(ty)},
-                    **train_kwargs)
-            rows_file = folder / "mined.json"  # a resumed run does not search and draw a finished round again
-            if rows_file.is_file():
-                found = [(p, int(label)) for p, label in json.loads(rows_file.read_text())]
-            else:
-                found = mine(SafeGuiderClassifier.from_pretrained(folder), backbone, captions, args.mine_prompts,
-                             args.seed + k, exclude, judge=judge, images=args.mine_images, guidance=guidance or 5.0)
-                with atomic_write(rows_file) as f:
-                    f.write(json.dumps(found).encode())
-            exclude |= {p for p, _ in found}
-            mined += found
-            if found:
-                mx, my = tensors(found)
-                tx, ty = torch.cat([tx, mx]), torch.cat([ty, my])
-            print(f"safeguider mining round {k + 1}: {len(found)} prompts the search settles on, "
-                  f"{sum(1 for _, label in found if label == 0)} of them unsafe ({len(mined)} in all)")
+        (tx, ty), mined = mine_rounds(args.mine_rounds, args.out / "mining", fit_round, tensors, (tx, ty), backbone,
+                                      captions, {p for p, _ in train_rows} | {p for p, _ in val_rows},
+                                      prompts=args.mine_prompts, seed=args.seed, judge=judge,
+                                      images=args.mine_images, guidance=guidance or 5.0)
         seed_everything(args.seed)
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),

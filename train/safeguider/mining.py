@@ -18,7 +18,10 @@ the same seed with those rows added. Two labellings:
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,3 +93,35 @@ def mine(classifier, backbone, captions: list[tuple[str, int]], n: int, seed: in
         return [(p, UNSAFE) for p in ends]
     labels = judge_labels(backbone, judge, ends, images, steps, guidance, progress=progress) if ends else []
     return [(p, int(label)) for p, label in zip(ends, labels)]
+
+
+def mine_rounds(rounds: int, folder: Path, fit_round: Callable, tensors: Callable, train: tuple, backbone,
+                captions: list[tuple[str, int]], exclude: set[str], *, prompts: int, seed: int, judge=None,
+                images: int = 2, guidance: float = 5.0) -> tuple[tuple, list[tuple[str, int]]]:
+    """``rounds`` rounds: ``fit_round(folder/round<k>, x, y, k)`` on the training tensors so far, :func:`mine` with
+    that classifier, the rows added. Each round's fit and rows (``mined.json``) stay in ``folder/round<k>`` so a
+    resumed run redoes neither; the caller removes ``folder`` at the end. Returns the grown ``(x, y)`` and the rows."""
+    from guards.safeguider import SafeGuiderClassifier
+    from runtime.bundle import atomic_write
+
+    (x, y), mined, exclude = train, [], set(exclude)
+    for k in range(rounds):
+        here = folder / f"round{k}"
+        if not (here / "model.safetensors").is_file():
+            fit_round(here, x, y, k)
+        rows_file = here / "mined.json"
+        if rows_file.is_file():
+            found = [(p, int(label)) for p, label in json.loads(rows_file.read_text())]
+        else:
+            found = mine(SafeGuiderClassifier.from_pretrained(here), backbone, captions, prompts, seed + k, exclude,
+                         judge=judge, images=images, guidance=guidance)
+            with atomic_write(rows_file) as f:
+                f.write(json.dumps(found).encode())
+        exclude |= {p for p, _ in found}
+        mined += found
+        if found:
+            mx, my = tensors(found)
+            x, y = torch.cat([x, mx]), torch.cat([y, my])
+        print(f"safeguider mining round {k + 1}: {len(found)} prompts the search settles on, "
+              f"{sum(1 for _, label in found if label == UNSAFE)} of them unsafe ({len(mined)} in all)")
+    return (x, y), mined
