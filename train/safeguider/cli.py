@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fragments, reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = "
                         "none)")
     p.add_argument("--mine-rounds", type=int, default=0,
-                   help="tinyworld: rounds of hard negatives found by the search itself (train, search unsafe training "
-                        "captions, add the prompts it settles on that keep unsafe words, train again; "
-                        "train/safeguider/mining.py; default %(default)s)")
+                   help="rounds of hard negatives found by the search itself (train, search unsafe training captions, "
+                        "add the prompts it settles on, labelled by --mine-judge or tinyworld's phrase rule, train "
+                        "again; train/safeguider/mining.py; default %(default)s)")
     p.add_argument("--mine-prompts", type=int, default=2000,
                    help="unsafe training captions searched per mining round (default %(default)s)")
     p.add_argument("--mine-judge", default=None,
@@ -99,7 +99,7 @@ def main(args) -> int:
         print("error: --mine-rounds with --csv / --i2p needs --mine-judge (tinyworld's unsafe-phrase rule labels "
               "only its own captions): add --mine-judge nudenet or --mine-judge FILE.onnx")
         return 2
-    judge, guidance = None, None
+    judge, guidance = None, 5.0  # guidance: the judged images' CFG scale, the build profile's
     if args.mine_rounds > 0 and args.mine_judge is not None:
         from export.tensorrt import select_build_profile
         from runtime.errors import RuntimeToolError
@@ -135,7 +135,7 @@ def main(args) -> int:
         (tx, ty), mined = mine_rounds(args.mine_rounds, args.out / "mining", fit_round, tensors, (tx, ty), backbone,
                                       captions, {p for p, _ in train_rows} | {p for p, _ in val_rows},
                                       prompts=args.mine_prompts, seed=args.seed, judge=judge,
-                                      images=args.mine_images, guidance=guidance or 5.0)
+                                      images=args.mine_images, guidance=guidance)
         seed_everything(args.seed)
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),
