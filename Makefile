@@ -72,10 +72,13 @@ $(TW_DATA)/data.json: | $(STAMP)
 	  --rules train/tinyworld/prompts/edit_rules.csv --benign train/tinyworld/prompts/benign_guard.csv \
 	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TW_DATA) --resume
 
-guards-tinyworld: $(TW_DATA)/data.json  ## retrain the four guards from prompts only (~70 min on 2 cores)
+guards-tinyworld: $(TW_DATA)/data.json  ## retrain the four guards from prompts only (~75 min on 2 cores)
 	$(PY) -m train safeguider --model models/tinyworld --mine-rounds 1 --mine-judge tinyworld --out models/guards/tinyworld/safeguider  # dev: tinyworld_xl_dev/safeguider
 	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/saferedir --cache .cache/saferedir_data
 	$(PY) -m train safepatch --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safepatch
+	# the stack's SafeRedir: its redirect also learns attack-style variants (issue 20)
+	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --adversarial 4 --adversarial-share 0.1 \
+	  --out $(STACK_REDIR) --cache .cache/saferedir_adversarial
 	# the stack's SafeCtrl; the single-guard bundle keeps the renderer-trained one (README)
 	$(PY) -m train safectrl --model models/tinyworld --data $(TW_DATA) --out models/guards_prompt_only/tinyworld/safectrl
 
@@ -92,15 +95,18 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
 	$(PY) -m export build --model models/tinyworld --guards $* --out $@
 
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;
-# SafePatch leaves a redirected prompt to SafeRedir and SafeCtrl is the prompt-only one (dev choice:
-# bench/results/stack_prompt_only_dev/README.md)
+# SafePatch leaves a redirected prompt to SafeRedir, whose redirect also learned attack-style variants, and SafeCtrl
+# is the prompt-only one (dev choices: bench/results/stack_prompt_only_dev/README.md)
 STACK_CTRL := models/guards_prompt_only/tinyworld/safectrl
+STACK_REDIR := models/guards_adversarial/tinyworld/saferedir
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
-                              $(STACK_CTRL)/model.safetensors $(STACK_CTRL)/config.json $(GUARD_CODE) | $(STAMP)
+                              $(foreach w,$(STACK_CTRL) $(STACK_REDIR),$(w)/model.safetensors $(w)/config.json) \
+                              $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-weights safectrl=$(STACK_CTRL) --guard-setting safepatch.yield_to_redirect=true --out $@
+	  --guard-weights safectrl=$(STACK_CTRL) --guard-weights saferedir=$(STACK_REDIR) \
+	  --guard-setting safepatch.yield_to_redirect=true --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                              $(foreach g,safeguider saferedir,models/guards/tinyworld/$(g)/model.safetensors \

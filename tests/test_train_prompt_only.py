@@ -169,6 +169,25 @@ def test_safepatch_removed_targets(fixture_data, tmp_path):
     assert not torch.equal(removed["latent"][:n], aligned["latent"][:n])
 
 
+def test_saferedir_adversarial_variants(fixture_data, tmp_path):
+    """``--adversarial N``: up to N attack-style variants of each pair's unsafe prompt, never the prompt itself, cached
+    beside the material and counted in the train log; stage 2 trains on them (the weights differ from a plain run's)."""
+    from safetensors.numpy import load_file
+
+    model, data = fixture_data("sd1")
+    work = tmp_path / "work"
+    assert train("saferedir", model, data, tmp_path / "adv", work, "--adversarial", "2") == 0
+    assert train("saferedir", model, data, tmp_path / "plain", tmp_path / "work_plain") == 0
+    with np.load(next((work / "saferedir").glob("adversarial_*.npz"))) as f:
+        prompts, pair = list(f["prompt"]), f["pair"]
+    kept = [p["prompt"] for p, k in zip(load_data(data).pairs, load_data(data).kept) if k]
+    assert 0 < len(prompts) <= 2 * len(kept) and all(v != kept[k] for v, k in zip(prompts, pair))
+    log = json.loads((tmp_path / "adv" / "train_log.json").read_text())
+    assert log["metrics"]["adversarial_variants"] == len(prompts)
+    adv, plain = load_file(tmp_path / "adv" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert any(not np.array_equal(adv[k], plain[k]) for k in adv)
+
+
 @pytest.mark.parametrize("guard", TRAINED)
 def test_data_folder_of_another_backbone_is_refused(guard, fixture_data, tmp_path, capsys):
     model, _ = fixture_data("sd1")
@@ -228,12 +247,13 @@ def test_trainers_need_exactly_one_source(guard, tmp_path, capsys):
 @pytest.mark.parametrize("guard", TRAINED)
 def test_material_path_never_imports_the_renderer(guard):
     """Static walk of every import (also inside functions) from the trainer's modules; ``train/<guard>/renderer.py``
-    (what ``--renderer`` imports) is the only door to the renderer and is not entered."""
+    (what ``--renderer`` imports) is the only door to the renderer and is not entered, nor is SafeRedir's
+    ``adversarial.py`` (``--adversarial``: tinyworld's attack-style edits, an option off by default)."""
     todo = [f"train.{guard}.{m}" for m in ("cli", "data", "train") if _module_file(f"train.{guard}.{m}") is not None]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        if name in seen or name == f"train.{guard}.renderer":  # the --renderer comparison's only door
+        if name in seen or name in (f"train.{guard}.renderer", f"train.{guard}.adversarial"):  # the opt-in doors
             continue
         seen.add(name)
         parts = name.split(".")

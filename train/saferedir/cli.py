@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage 1: prompts per class of the whole lists seen with step-0 noise (a quarter of each batch)")
     p.add_argument("--prompt-dropout", type=float, default=0.3,
                    help="stage 1: share of samples whose prompt is replaced by the empty prompt (latent-only)")
+    p.add_argument("--adversarial", type=int, default=0,
+                   help="stage 2 (tinyworld): N attack-style variants (misspellings, splits, fragments, inserted or moved "
+                        "words; train/saferedir/adversarial.py) of each pair's unsafe prompt, redirected toward the pair's "
+                        "safe image; default %(default)s = off")
+    p.add_argument("--adversarial-share", type=float, default=0.5,
+                   help="stage 2: share of the unsafe rows given as one of their pair's variants (default %(default)s)")
     add_config_options(p, SafeRedirConfig, {
         "alpha": "redirection strength",
         "check_every": "runtime: check the latent every N steps",

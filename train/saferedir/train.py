@@ -27,6 +27,10 @@ to 0 (bench/results/design_measurements.md)."""
 
 def fit(args, source_class) -> dict:
     """``source_class(args, backbone)``: :class:`train.saferedir.data.DataSource` or the renderer's."""
+    if args.adversarial < 0:
+        raise BadInputError(f"saferedir: --adversarial {args.adversarial}: pass 0 (off) or a number of variants")
+    if not 0 < args.adversarial_share <= 1:
+        raise BadInputError(f"saferedir: --adversarial-share {args.adversarial_share}: pass a share in (0, 1]")
     acc = setup(args.seed, args.threads, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     from export.families import load_backbone
 
@@ -96,6 +100,17 @@ def fit(args, source_class) -> dict:
         p_traj, p_u, p_cf = (torch.from_numpy(d[k]) for k in ("traj_pooled", "pair_pooled", "pair_cf_pooled"))
     alphas = pipe.scheduler.alphas_cumprod.float()
     metrics = {"data_seconds": round(data_s, 1), **source.describe(d)}
+    adv = None
+    if args.adversarial > 0:
+        if sdxl or getattr(args, "renderer", False):
+            raise BadInputError("saferedir --adversarial: the attack-style edits are tinyworld's (SD 1.x, --data)")
+        from .adversarial import adversarial_pairs
+
+        with acc.main_process_first():
+            a = adversarial_pairs(pipe, d, args.cache, args.adversarial, args.seed)
+        adv_emb, adv_pair = torch.from_numpy(a["emb"]), torch.from_numpy(a["pair"])
+        metrics["adversarial_variants"] = int(len(adv_pair))
+        adv = (adv_emb, [torch.nonzero(adv_pair == k)[:, 0] for k in range(len(z0))])
     for stage, total, lr, params in stages:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -117,7 +132,8 @@ def fit(args, source_class) -> dict:
                 i = torch.randint(0, len(z0), (args.gen_batch,), generator=g)
                 j = train_idx[benign_pool[torch.randint(0, len(benign_pool), (args.gen_batch,), generator=g)]]
                 pooled = torch.cat([p_u[i], p_traj[j]]) if sdxl else None
-                both = wrapped(None, None, torch.cat([e_u[i], emb[j]]), pooled, part="redirect")
+                unsafe_rows = e_u[i] if adv is None else _attacked(e_u[i], i, adv, args.adversarial_share, g)
+                both = wrapped(None, None, torch.cat([unsafe_rows, emb[j]]), pooled, part="redirect")
                 out_u = tuple(o[: args.gen_batch] for o in both)
                 out_b = tuple(o[args.gen_batch:] for o in both)
                 added = ({"time_ids": sdxl_time_ids(pipe, len(i), z0.shape[-1] * pipe.vae_scale_factor),
@@ -146,6 +162,16 @@ def fit(args, source_class) -> dict:
                                        "metrics": metrics, "log": log,
                                        "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
     return metrics
+
+
+def _attacked(rows: torch.Tensor, pairs: torch.Tensor, adv: tuple, share: float, g: torch.Generator) -> torch.Tensor:
+    """A ``share`` of the unsafe rows (of pairs with variants) swapped for one of their pair's attack-style variants."""
+    emb, of_pair = adv
+    rows = rows.clone()
+    for r, k in enumerate(pairs.tolist()):
+        if len(of_pair[k]) and torch.rand((), generator=g) < share:
+            rows[r] = emb[of_pair[k][torch.randint(0, len(of_pair[k]), (), generator=g)]]
+    return rows
 
 
 @torch.no_grad()
