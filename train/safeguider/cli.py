@@ -125,6 +125,7 @@ def main(args) -> int:
                         seed=args.seed, encoder_widths=encoder_widths(backbone))
     mined = []
     if args.mine_rounds > 0:
+        from .adversarial import allowed as guard_split_only
         from .mining import mine_rounds
 
         def fit_round(folder, x, y, k):
@@ -135,7 +136,8 @@ def main(args) -> int:
         (tx, ty), mined = mine_rounds(args.mine_rounds, args.out / "mining", fit_round, tensors, (tx, ty), backbone,
                                       captions, {p for p, _ in train_rows} | {p for p, _ in val_rows},
                                       prompts=args.mine_prompts, seed=args.seed, judge=judge,
-                                      images=args.mine_images, guidance=guidance)
+                                      images=args.mine_images, guidance=guidance,
+                                      **({"allowed": guard_split_only} if source == "tinyworld guard split" else {}))
         seed_everything(args.seed)
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),

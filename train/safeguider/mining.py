@@ -73,15 +73,16 @@ def judge_labels(backbone, judge, prompts: list[str], images: int = 2, steps: in
 
 def mine(classifier, backbone, captions: list[tuple[str, int]], n: int, seed: int = 0,
          exclude: set[str] = frozenset(), progress: bool = True, judge=None, images: int = 2, steps: int = 20,
-         guidance: float = 5.0) -> list[tuple[str, int]]:
+         guidance: float = 5.0, allowed: Callable[[str], bool] = lambda prompt: True) -> list[tuple[str, int]]:
     """Up to ``n`` unsafe ``captions`` (a seeded sample) searched with ``classifier``; the distinct prompts the
-    search settles on (none of them in ``exclude``), labelled by the phrase rule (``judge`` None: only the unsafe
-    ones) or by the backbone's images and ``judge`` (module docstring)."""
+    search settles on (none of them in ``exclude``, each ``allowed``: tinyworld keeps out every caption of another
+    split, since a deletion can spell an evaluation prompt), labelled by the phrase rule (``judge`` None: only the
+    unsafe ones) or by the backbone's images and ``judge`` (module docstring)."""
     unsafe = [p for p, label in captions if label == UNSAFE]
     random.Random(f"safeguider-mining:{seed}").shuffle(unsafe)
     seen, ends = set(exclude), []
     for prompt, found in search_ends(classifier, backbone, unsafe[:n], progress):
-        if found.prompt in seen:
+        if found.prompt in seen or not allowed(found.prompt):
             continue
         if judge is None:
             gone = set(found.removed)
@@ -97,7 +98,8 @@ def mine(classifier, backbone, captions: list[tuple[str, int]], n: int, seed: in
 
 def mine_rounds(rounds: int, folder: Path, fit_round: Callable, tensors: Callable, train: tuple, backbone,
                 captions: list[tuple[str, int]], exclude: set[str], *, prompts: int, seed: int, judge=None,
-                images: int = 2, guidance: float = 5.0) -> tuple[tuple, list[tuple[str, int]]]:
+                images: int = 2, guidance: float = 5.0,
+                allowed: Callable[[str], bool] = lambda prompt: True) -> tuple[tuple, list[tuple[str, int]]]:
     """``rounds`` rounds: ``fit_round(folder/round<k>, x, y, k)`` on the training tensors so far, :func:`mine` with
     that classifier, the rows added. Each round's fit and rows (``mined.json``) stay in ``folder/round<k>`` so a
     resumed run redoes neither; the caller removes ``folder`` at the end. Returns the grown ``(x, y)`` and the rows."""
@@ -114,7 +116,7 @@ def mine_rounds(rounds: int, folder: Path, fit_round: Callable, tensors: Callabl
             found = [(p, int(label)) for p, label in json.loads(rows_file.read_text())]
         else:
             found = mine(SafeGuiderClassifier.from_pretrained(here), backbone, captions, prompts, seed + k, exclude,
-                         judge=judge, images=images, guidance=guidance)
+                         judge=judge, images=images, guidance=guidance, allowed=allowed)
             with atomic_write(rows_file) as f:
                 f.write(json.dumps(found).encode())
         exclude |= {p for p, _ in found}
