@@ -180,7 +180,8 @@ def test_saferedir_adversarial_variants(fixture_data, tmp_path):
     assert train("saferedir", model, data, tmp_path / "plain", tmp_path / "work_plain") == 0
     with np.load(next((work / "saferedir").glob("adversarial_*.npz"))) as f:
         prompts, pair = list(f["prompt"]), f["pair"]
-    kept = [p["prompt"] for p, k in zip(load_data(data).pairs, load_data(data).kept) if k]
+    material = load_data(data)
+    kept = [p["prompt"] for p, k in zip(material.pairs, material.kept) if k]
     assert 0 < len(prompts) <= 2 * len(kept) and all(v != kept[k] for v, k in zip(prompts, pair))
     log = json.loads((tmp_path / "adv" / "train_log.json").read_text())
     assert log["metrics"]["adversarial_variants"] == len(prompts)
