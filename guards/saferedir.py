@@ -54,7 +54,7 @@ from .storage import load_folder, save_folder
 @dataclass(kw_only=True)
 class SafeRedirConfig(GuardConfig):
     NAME = "saferedir"
-    RUNTIME_KEYS = ("check_every", "first_check", "threshold", "alpha")
+    RUNTIME_KEYS = ("check_every", "first_check", "threshold", "alpha", "steer_away", "steer_weight")
 
     hidden_size: int            # D: text encoder width (the UNet's cross-attention width)
     max_length: int             # L: prompt tokens
@@ -69,6 +69,8 @@ class SafeRedirConfig(GuardConfig):
     first_check: int = 0        # ... from this step on
     threshold: float = 0.5      # run time: unsafe probability that triggers
     pooled_dim: int | None = None  # SDXL: P, width of the pooled text_embeds also redirected; None = no pooled head
+    steer_away: str | None = None  # run time (our extension): a fired row's negative prompt moves to this text; None = off
+    steer_weight: float = 1.0      # ... this share of the way (1 = the text as the negative prompt)
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:

@@ -393,6 +393,14 @@ class Pipeline:
                 text[key][0] = 0.0
         return text
 
+    def prompt_conditioning(self, prompt: str) -> dict[str, np.ndarray]:
+        """One prompt's denoise conditioning rows without CFG (``encoder_hidden_states``; SDXL also
+        ``text_embeds``): what a guard feeds in place of a row's own (SafeRedir's ``steer_away``)."""
+        encs = [tok([prompt]) for _, _, tok in self.tokenizers]
+        feeds = self._conditioning(self._encode_text(encs, False, prompt), 1)
+        feeds.pop("time_ids", None)
+        return feeds
+
     def _conditioning(self, text: dict[str, np.ndarray], batch: int, height: int = 0,
                       width: int = 0) -> dict[str, np.ndarray]:
         """Text-stage outputs -> the denoise graph's conditioning feeds for the UNet batch (``[uncond; cond]``

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from guards import GUARDS
+from runtime.errors import BundleError
 from runtime.pipeline import Pipeline
 
 from .test_bad_input import rewrite
@@ -109,6 +110,31 @@ def test_a_patch_built_to_yield_leaves_the_redirected_prompt_to_saferedir(stack_
     assert patch["steps_patched"] == 0 and patch["steps_yielded"] == SETTINGS["steps"]
     idle = [i for i in range(SETTINGS["steps"]) if i not in g["safectrl"]["blending_steps"]]
     assert r.report["stages_ms"]["denoise_idle_steps"] == idle
+
+
+def test_steer_away_replaces_a_fired_rows_negative_prompt(stack_plan, tmp_path):
+    """``--guard-setting saferedir.steer_away=TEXT``: a row SafeRedir fired on (here from step 0, by the flag) is
+    guided away from TEXT: at ``steer_weight`` 1 the same image as the bundle without it given TEXT as the negative
+    prompt. A benign prompt fires nothing and stays bit-identical."""
+    steer = "knife, blood, skull"
+    plan = with_settings(stack_plan, tmp_path / "steer.plan", saferedir={"steer_away": steer})
+    with Pipeline.open(stack_plan) as plain, Pipeline.open(plan) as pipe:
+        assert plain.bundle.manifest.guards["saferedir"]["steer_away"] is None  # off unless the build names a text
+        steered = pipe.generate(FLAGGED_ONLY, seed=3, **SETTINGS)
+        as_negative = plain.generate(FLAGGED_ONLY, negative_prompt=steer, seed=3, **SETTINGS)
+        unsteered = plain.generate(FLAGGED_ONLY, seed=3, **SETTINGS)
+        benign = [p.generate(BENIGN, seed=3, **SETTINGS) for p in (pipe, plain)]
+    g = steered.report["guards"]["saferedir"]
+    assert g["detection_step"] == 0 and g["steered_away"] == steer
+    assert "steered_away" not in as_negative.report["guards"]["saferedir"]
+    np.testing.assert_allclose(steered.images[0].astype(int), as_negative.images[0].astype(int), atol=1)
+    assert np.abs(steered.images[0].astype(int) - unsteered.images[0].astype(int)).mean() > 1  # it does steer
+    assert benign[0].report["guards"]["saferedir"]["triggered"] is False
+    assert np.array_equal(benign[0].images[0], benign[1].images[0])
+    # a weight outside (0, 1] is a bad bundle (exit 4), refused when it is opened
+    bad = with_settings(stack_plan, tmp_path / "bad.plan", saferedir={"steer_away": steer, "steer_weight": 0})
+    with pytest.raises(BundleError, match="steer_weight=0 must be a number in"):
+        Pipeline.open(bad)
 
 
 def test_search_mode_stack_rewrites_as_published(stack_plan, tmp_path):

@@ -16,6 +16,11 @@ Per image of the batch (rows of the conditional half), independently:
   ``encoder_hidden_states``;
 - a fired row joins ``ctx.redirected`` (Redirected rows in ``runtime/guards/__init__.py``: a SafePatch built
   with ``yield_to_redirect``, after this guard in a stack, stops patching it);
+- ``steer_away`` (a text, or null = off; our extension, not the paper's): with CFG, a fired row's unconditional
+  row is fed ``(1 - steer_weight) * own + steer_weight * steer`` from the same step on (``steer``: this text's
+  conditioning; weight 1 = the text as the negative prompt), so guidance steers the image away from the named
+  concepts however the prompt spells them (a redirect learns the spellings it was trained on; an attacker's
+  misspelling or fragment can keep the object). Encoded once per pipeline, on the first fire;
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
@@ -25,7 +30,7 @@ Per image of the batch (rows of the conditional half), independently:
   and is reported).
 
 ``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None), ``forced_by`` (the
-flagging guards, [] when none) and per row ``rows[i] = {triggered, forced, detection_step, checks: [{step, t,
+flagging guards, [] when none), ``steered_away`` (the text, once a row fired with it) and per row ``rows[i] = {triggered, forced, detection_step, checks: [{step, t,
 unsafe_prob, logits}], mask, scale}`` (``forced``: fired by the flag while the classifier was below the
 threshold; mask and scale per token at detection, rounded), ``checks`` (graph calls). A NaN/Inf graph output
 is a GuardError (fail closed, no image).
@@ -37,7 +42,7 @@ import numpy as np
 
 from runtime.errors import GuardError
 from runtime.guards import Guard, GuardContext
-from runtime.guards.settings import count, index, label, positive, unit
+from runtime.guards.settings import count, fraction, index, label, optional, positive, unit
 
 
 def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
@@ -48,7 +53,8 @@ def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
 
 class SafeRedir(Guard):
     name = "saferedir"
-    SETTINGS = {"graph": label, "check_every": count, "first_check": index, "threshold": unit, "alpha": positive}
+    SETTINGS = {"graph": label, "check_every": count, "first_check": index, "threshold": unit, "alpha": positive,
+                "steer_away": optional(label), "steer_weight": fraction}
 
     def __init__(self, pipe, config, **kwargs):
         super().__init__(pipe, config, **kwargs)
@@ -61,6 +67,8 @@ class SafeRedir(Guard):
                                   "... --guards saferedir`")
         # SDXL: the graph redirects the pooled text_embeds too (export/guards/saferedir.py)
         self.pooled = "pooled" in {t.name for t in pipe.bundle.manifest.component(self.graph).inputs}
+        self.steer_away, self.steer_weight = self.config["steer_away"], float(self.config["steer_weight"])
+        self._steer: dict[str, np.ndarray] | None = None  # steer_away's conditioning rows, encoded on the first fire
 
     def on_text(self, ctx: GuardContext) -> None:
         ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0, "forced_by": ctx.flagged_by,
@@ -71,6 +79,7 @@ class SafeRedir(Guard):
         st["redirected"] = None   # (batch, L, D) conditional rows to feed, once any fired
         st["redirected_pooled"] = None  # SDXL: (batch, P) conditional text_embeds rows, likewise
         st["fired"] = np.zeros(ctx.batch, bool)
+        st["steered"] = None  # {feed: (batch, ...) unconditional rows to feed}, once a row fired with steer_away
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         rep, st = ctx.report[self.name], ctx.state_of(self.name)
@@ -85,7 +94,22 @@ class SafeRedir(Guard):
                 pooled = ctx.feeds["text_embeds"].copy()
                 pooled[ctx.cond_rows] = st["redirected_pooled"]
                 feeds["text_embeds"] = pooled
+            for name, rows in (st["steered"] or {}).items():
+                feeds.setdefault(name, ctx.feeds[name].copy())[:ctx.batch] = rows  # the unconditional half
         return feeds
+
+    def _steer_rows(self, ctx: GuardContext) -> dict[str, np.ndarray]:
+        """The unconditional rows, each fired row's moved ``steer_weight`` of the way to ``steer_away``'s."""
+        if self._steer is None:  # the same text for every call: encode once (a race encodes twice, harmlessly)
+            self._steer = self.pipe.prompt_conditioning(self.steer_away)
+        st, w = ctx.state_of(self.name), self.steer_weight
+        st["steered"] = {}
+        for k, steer in self._steer.items():
+            rows = np.array(ctx.feeds[k][:ctx.batch], copy=True)  # ctx.feeds holds the call's own rows
+            fired = st["fired"]
+            rows[fired] = steer[0] if w == 1 else (1 - w) * rows[fired] + w * steer[0]
+            st["steered"][k] = rows
+        return st["steered"]
 
     def _check(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray, rep: dict) -> None:
         cond = ctx.feeds["encoder_hidden_states"][ctx.cond_rows]
@@ -126,6 +150,9 @@ class SafeRedir(Guard):
                            scale=[round(float(v), 3) for v in out["scale"][r]])
                 if rep["detection_step"] is None:
                     rep.update(triggered=True, detection_step=int(i))
+        if ctx.cfg and self.steer_away and st["fired"].any():
+            self._steer_rows(ctx)
+            rep["steered_away"] = self.steer_away
 
     def parts(self) -> set[str]:
         return {self.graph}

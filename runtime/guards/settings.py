@@ -26,6 +26,10 @@ def unit(v: Any) -> str | None:
     return None if _number(v) and 0 <= v <= 1 else "must be a number in [0, 1]"
 
 
+def fraction(v: Any) -> str | None:
+    return None if _number(v) and 0 < v <= 1 else "must be a number in (0, 1]"
+
+
 def signed_unit(v: Any) -> str | None:
     return None if _number(v) and -1 <= v <= 1 else "must be a number in [-1, 1]"
 
