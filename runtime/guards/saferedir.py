@@ -158,12 +158,15 @@ class SafeRedir(Guard):
         return {self.graph}
 
     def summary(self, report: dict) -> str:
+        steered = (f"; guided away from {report['steered_away']!r} (weight {self.steer_weight:g})"
+                   if report.get("steered_away") else "")
         if report.get("forced_by"):
             return (f"prompt flagged by {', '.join(report['forced_by'])}: prompt embedding redirected from step "
-                    f"{report['detection_step']}")
+                    f"{report['detection_step']}{steered}")
         if report.get("triggered"):
             prob = max(c["unsafe_prob"] for row in report["rows"] for c in row["checks"])
-            return f"latent judged unsafe (p {prob:.2f}) at step {report['detection_step']}: prompt embedding redirected"
+            return (f"latent judged unsafe (p {prob:.2f}) at step {report['detection_step']}: prompt embedding "
+                    f"redirected{steered}")
         return f"latent judged safe in {report.get('checks', 0)} check(s): no redirect"
 
 
