@@ -30,9 +30,10 @@ Per image of the batch (rows of the conditional half), independently:
   and is reported).
 
 ``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None), ``forced_by`` (the
-flagging guards, [] when none), ``steered_away`` (the text, once a row fired with it) and per row ``rows[i] = {triggered, forced, detection_step, checks: [{step, t,
-unsafe_prob, logits}], mask, scale}`` (``forced``: fired by the flag while the classifier was below the
-threshold; mask and scale per token at detection, rounded), ``checks`` (graph calls). A NaN/Inf graph output
+flagging guards, [] when none), ``steered_away`` (the text, once a row fired with it) and per row ``rows[i] =
+{triggered, forced, detection_step, checks: [{step, t, unsafe_prob, logits}], mask, scale}`` (``forced``: fired by
+the flag while the classifier was below the threshold; mask and scale per token at detection, rounded),
+``checks`` (graph calls). A NaN/Inf graph output
 is a GuardError (fail closed, no image).
 """
 
