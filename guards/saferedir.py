@@ -54,7 +54,8 @@ from .storage import load_folder, save_folder
 @dataclass(kw_only=True)
 class SafeRedirConfig(GuardConfig):
     NAME = "saferedir"
-    RUNTIME_KEYS = ("check_every", "first_check", "threshold", "alpha", "steer_away", "steer_weight")
+    RUNTIME_KEYS = ("check_every", "first_check", "threshold", "alpha", "steer_away", "steer_weight",
+                    "steer_escalate", "escalate_threshold", "escalate_patch")
 
     hidden_size: int            # D: text encoder width (the UNet's cross-attention width)
     max_length: int             # L: prompt tokens
@@ -71,6 +72,9 @@ class SafeRedirConfig(GuardConfig):
     pooled_dim: int | None = None  # SDXL: P, width of the pooled text_embeds also redirected; None = no pooled head
     steer_away: str | None = None  # run time (our extension): a fired row's negative prompt moves to this text; None = off
     steer_weight: float = 1.0      # ... this share of the way (1 = the text as the negative prompt)
+    steer_escalate: float | None = None  # ... and this share once a later check still reads the redirected row unsafe
+    escalate_threshold: float = 0.05  # ... that check's unsafe probability (under the redirected embedding)
+    escalate_patch: bool = False  # ... and an escalated row is patched again by a SafePatch yielding to redirects
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:

@@ -137,6 +137,45 @@ def test_steer_away_replaces_a_fired_rows_negative_prompt(stack_plan, tmp_path):
         Pipeline.open(bad)
 
 
+def test_steer_escalate_strengthens_only_rows_the_recheck_reads_unsafe(stack_plan, tmp_path):
+    """``saferedir.steer_escalate=W2``: checks go on for a fired row under its redirected embedding, and a row read
+    unsafe there (``escalate_threshold``) is escalated from that step: weight W2, redirected once more and, with
+    ``escalate_patch``, patched again by the SafePatch that yielded to the redirect. A re-check that stays below
+    the threshold changes no pixel; a benign prompt fires nothing, is never re-checked and stays bit-identical."""
+    steer = {"steer_away": "knife, blood, skull", "steer_weight": 0.4}
+    plans = {"base": {}, "watch": {"steer_escalate": 1.0, "escalate_threshold": 1.0},
+             "always": {"steer_escalate": 1.0, "escalate_threshold": 0.0},
+             "patch": {"steer_escalate": 1.0, "escalate_threshold": 0.0, "escalate_patch": True}}
+    runs = {}
+    for name, extra in plans.items():
+        plan = with_settings(stack_plan, tmp_path / f"{name}.plan", saferedir={**steer, **extra},
+                             safepatch={"yield_to_redirect": True})  # as the Makefile's stack
+        with Pipeline.open(plan) as pipe:
+            runs[name] = [pipe.generate(p, seed=3, **SETTINGS) for p in (FLAGGED_ONLY, BENIGN)]
+            if name == "always":
+                red = next(g for g in pipe.guards if g.name == "saferedir")
+                assert "weight 1 from step 5 (latent still judged unsafe" in red.summary(
+                    runs[name][0].report["guards"]["saferedir"])
+    rep = {k: v[0].report["guards"] for k, v in runs.items()}
+    rows = {k: g["saferedir"]["rows"][0] for k, g in rep.items()}
+    assert rows["base"]["rechecks"] == [] and [c["step"] for c in rows["watch"]["rechecks"]] == [5]
+    assert rows["watch"]["rechecks"][0]["unsafe_prob"] < 1.0 and rows["watch"]["escalated_step"] is None
+    assert np.array_equal(runs["watch"][0].images[0], runs["base"][0].images[0])
+    assert rows["always"]["escalated_step"] == 5 and rep["always"]["saferedir"]["escalated"] == [0]
+    assert np.abs(runs["always"][0].images[0].astype(int) - runs["base"][0].images[0].astype(int)).mean() > 1
+    assert rep["always"]["safepatch"]["steps_yielded"] == SETTINGS["steps"]  # yielded to the redirect throughout
+    assert rep["patch"]["safepatch"]["steps_patched"] == SETTINGS["steps"] - 5  # patched again from step 5
+    for name in plans:
+        benign = runs[name][1].report["guards"]["saferedir"]["rows"][0]
+        assert benign["triggered"] is False and benign["rechecks"] == []
+        assert np.array_equal(runs[name][1].images[0], runs["base"][1].images[0])
+    # escalating needs a text to steer to and never weakens the first weight: a bad bundle (exit 4)
+    for bad in ({"steer_escalate": 1.0}, {**steer, "steer_escalate": 0.2}):
+        plan = with_settings(stack_plan, tmp_path / "bad.plan", saferedir=bad)
+        with pytest.raises(BundleError, match="steer_escalate=.* needs steer_away and a weight >="):
+            Pipeline.open(plan)
+
+
 def test_search_mode_stack_rewrites_as_published(stack_plan, tmp_path):
     plan = with_settings(stack_plan, tmp_path / "search.plan", safeguider={"mode": "search"})
     with Pipeline.open(plan) as pipe:

@@ -23,7 +23,8 @@ COMMITTED = ROOT / "models" / "guards" / "tinyworld"
 MANIFEST_KEYS = {  # what the lean runtime reads, no more and no less (it has no defaults of its own)
     "safeguider": {"threshold", "beam_width", "max_depth", "qualify_score", "min_similarity", "output", "max_batch",
                    "mode", "on_no_qualifier"},
-    "saferedir": {"graph", "check_every", "first_check", "threshold", "alpha", "steer_away", "steer_weight"},
+    "saferedir": {"graph", "check_every", "first_check", "threshold", "alpha", "steer_away", "steer_weight",
+                  "steer_escalate", "escalate_threshold", "escalate_patch"},
     "safepatch": {"graph", "gate_output", "categories", "threshold", "instructions", "apply_uncond", "yield_to_redirect",
                   "patch_params", "unet_params"},
     "safectrl": {"ema_alpha", "start_step_fraction", "mask_threshold", "mask_gain", "coverage_threshold",

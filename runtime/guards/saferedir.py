@@ -21,6 +21,13 @@ Per image of the batch (rows of the conditional half), independently:
   conditioning; weight 1 = the text as the negative prompt), so guidance steers the image away from the named
   concepts however the prompt spells them (a redirect learns the spellings it was trained on; an attacker's
   misspelling or fragment can keep the object). Encoded once per pipeline, on the first fire;
+- ``steer_escalate`` (a weight >= ``steer_weight``, or null = off; our extension): checks go on for fired rows,
+  with the row's redirected embedding; a row the classifier still reads unsafe there (``escalate_threshold``)
+  is escalated from that step on: its steer weight becomes ``steer_escalate`` and its embedding is redirected
+  once more (the check's own ``redirected`` output); with ``escalate_patch`` it also leaves ``ctx.redirected``,
+  so a SafePatch built with ``yield_to_redirect`` patches it again. A redirect that worked leaves the latent
+  reading safe under it, so only rows whose image keeps the object (a spelling the redirect missed) pay the
+  stronger removal's cost;
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
@@ -30,11 +37,12 @@ Per image of the batch (rows of the conditional half), independently:
   and is reported).
 
 ``report["saferedir"]``: ``triggered`` (any row), ``detection_step`` (first, or None), ``forced_by`` (the
-flagging guards, [] when none), ``steered_away`` (the text, once a row fired with it) and per row ``rows[i] =
-{triggered, forced, detection_step, checks: [{step, t, unsafe_prob, logits}], mask, scale}`` (``forced``: fired by
-the flag while the classifier was below the threshold; mask and scale per token at detection, rounded),
-``checks`` (graph calls). A NaN/Inf graph output
-is a GuardError (fail closed, no image).
+flagging guards, [] when none), ``steered_away`` (the text, once a row fired with it), ``escalated`` (the rows
+escalated, once any was) and per row ``rows[i] = {triggered, forced, detection_step, checks: [{step, t,
+unsafe_prob, logits}], mask, scale, rechecks: [{step, t, unsafe_prob}], escalated_step}`` (``forced``: fired by
+the flag while the classifier was below the threshold; mask and scale per token at detection, rounded;
+``rechecks``: the reads under the redirected embedding), ``checks`` (graph calls). A NaN/Inf graph output is a
+GuardError (fail closed, no image).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import numpy as np
 
 from runtime.errors import GuardError
 from runtime.guards import Guard, GuardContext
-from runtime.guards.settings import count, fraction, index, label, optional, positive, unit
+from runtime.guards.settings import count, flag, fraction, index, label, optional, positive, unit
 
 
 def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
@@ -55,7 +63,8 @@ def _softmax_unsafe(logits: np.ndarray) -> np.ndarray:
 class SafeRedir(Guard):
     name = "saferedir"
     SETTINGS = {"graph": label, "check_every": count, "first_check": index, "threshold": unit, "alpha": positive,
-                "steer_away": optional(label), "steer_weight": fraction}
+                "steer_away": optional(label), "steer_weight": fraction, "steer_escalate": optional(fraction),
+                "escalate_threshold": unit, "escalate_patch": flag}
 
     def __init__(self, pipe, config, **kwargs):
         super().__init__(pipe, config, **kwargs)
@@ -69,22 +78,33 @@ class SafeRedir(Guard):
         # SDXL: the graph redirects the pooled text_embeds too (export/guards/saferedir.py)
         self.pooled = "pooled" in {t.name for t in pipe.bundle.manifest.component(self.graph).inputs}
         self.steer_away, self.steer_weight = self.config["steer_away"], float(self.config["steer_weight"])
+        self.steer_escalate = self.config["steer_escalate"]
+        if self.steer_escalate is not None and (not self.steer_away or self.steer_escalate < self.steer_weight):
+            raise self.bad_config(f"steer_escalate={self.steer_escalate!r} needs steer_away and a weight >= "
+                                  f"steer_weight ({self.steer_weight:g}): rebuild with both, or without it")
+        self.escalate_threshold = float(self.config["escalate_threshold"])
+        self.escalate_patch = self.config["escalate_patch"]
         self._steer: dict[str, np.ndarray] | None = None  # steer_away's conditioning rows, encoded on the first fire
 
     def on_text(self, ctx: GuardContext) -> None:
         ctx.report[self.name] = {"triggered": False, "detection_step": None, "checks": 0, "forced_by": ctx.flagged_by,
                                  "threshold": self.threshold, "check_every": self.check_every,
                                  "rows": [{"triggered": False, "forced": False, "detection_step": None, "checks": [],
-                                           "mask": None, "scale": None} for _ in range(ctx.batch)]}
+                                           "mask": None, "scale": None, "rechecks": [], "escalated_step": None}
+                                          for _ in range(ctx.batch)]}
         st = ctx.state_of(self.name)
         st["redirected"] = None   # (batch, L, D) conditional rows to feed, once any fired
         st["redirected_pooled"] = None  # SDXL: (batch, P) conditional text_embeds rows, likewise
         st["fired"] = np.zeros(ctx.batch, bool)
         st["steered"] = None  # {feed: (batch, ...) unconditional rows to feed}, once a row fired with steer_away
+        st["weight"] = np.zeros(ctx.batch)  # each fired row's steer weight
+        st["escalated"] = np.zeros(ctx.batch, bool)
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         rep, st = ctx.report[self.name], ctx.state_of(self.name)
-        if (not st["fired"].all() and i >= self.first_check and (i - self.first_check) % self.check_every == 0):
+        recheck = self.steer_escalate is not None and ctx.cfg and (st["fired"] & ~st["escalated"]).any()
+        if ((recheck or not st["fired"].all()) and i >= self.first_check
+                and (i - self.first_check) % self.check_every == 0):
             self._check(ctx, i, t, x, rep)
         feeds = {}
         if st["redirected"] is not None:
@@ -103,23 +123,31 @@ class SafeRedir(Guard):
         """The unconditional rows, each fired row's moved ``steer_weight`` of the way to ``steer_away``'s."""
         if self._steer is None:  # the same text for every call: encode once (a race encodes twice, harmlessly)
             self._steer = self.pipe.prompt_conditioning(self.steer_away)
-        st, w = ctx.state_of(self.name), self.steer_weight
+        st = ctx.state_of(self.name)
         st["steered"] = {}
         for k, steer in self._steer.items():
             rows = np.array(ctx.feeds[k][:ctx.batch], copy=True)  # ctx.feeds holds the call's own rows
-            fired = st["fired"]
-            rows[fired] = steer[0] if w == 1 else (1 - w) * rows[fired] + w * steer[0]
+            for r in np.flatnonzero(st["fired"]):
+                w = st["weight"][r]
+                rows[r] = steer[0] if w == 1 else (1 - w) * rows[r] + w * steer[0]
             st["steered"][k] = rows
         return st["steered"]
 
     def _check(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray, rep: dict) -> None:
+        st = ctx.state_of(self.name)
+        rechecked = st["fired"] & ~st["escalated"] & (self.steer_escalate is not None and ctx.cfg)  # fired earlier
         cond = ctx.feeds["encoder_hidden_states"][ctx.cond_rows]
+        embeds = np.array(cond, dtype=np.float32, copy=True)
+        if rechecked.any():
+            embeds[rechecked] = st["redirected"][rechecked]
         feeds = {"latent": np.ascontiguousarray(x, dtype=np.float32), "timestep": np.array([t], dtype=np.float32),
-                 "prompt_embeds": np.ascontiguousarray(cond, dtype=np.float32)}
+                 "prompt_embeds": embeds}
         outputs = ("logits", "redirected", "mask", "scale")
         if self.pooled:
             pooled = ctx.feeds["text_embeds"][ctx.cond_rows]
-            feeds["pooled"] = np.ascontiguousarray(pooled, dtype=np.float32)
+            feeds["pooled"] = np.array(pooled, dtype=np.float32, copy=True)
+            if rechecked.any():
+                feeds["pooled"][rechecked] = st["redirected_pooled"][rechecked]
             outputs += ("redirected_pooled",)
         out = self.pipe.engines[self.graph].infer(feeds)
         for name in outputs:  # backends check too; never trust a NaN
@@ -127,16 +155,27 @@ class SafeRedir(Guard):
                 raise GuardError(f"guard saferedir: graph {self.graph!r} output {name!r} is not finite at step "
                                  f"{i}: no image written (fail closed)")
         probs = _softmax_unsafe(out["logits"].astype(np.float64))
-        st = ctx.state_of(self.name)
         rep["checks"] += 1
         for r in range(ctx.batch):
+            if rechecked[r]:
+                rep["rows"][r]["rechecks"].append({"step": int(i), "t": float(t),
+                                                   "unsafe_prob": round(float(probs[r]), 5)})
+                if probs[r] >= self.escalate_threshold:
+                    st["escalated"][r], st["weight"][r] = True, self.steer_escalate
+                    st["redirected"][r] = out["redirected"][r]  # redirected once more: the check's own output
+                    if self.pooled:
+                        st["redirected_pooled"][r] = out["redirected_pooled"][r]
+                    if self.escalate_patch:
+                        ctx.redirected.discard(r)  # a SafePatch built to yield to the redirect patches it again
+                    rep["rows"][r]["escalated_step"] = int(i)
+                    rep.setdefault("escalated", []).append(r)
             if st["fired"][r]:
                 continue
             row = rep["rows"][r]
             row["checks"].append({"step": int(i), "t": float(t), "unsafe_prob": round(float(probs[r]), 5),
                                   "logits": [round(float(v), 4) for v in out["logits"][r]]})
             if probs[r] >= self.threshold or ctx.flags:  # a flagged prompt fires at once (module docstring)
-                st["fired"][r] = True
+                st["fired"][r], st["weight"][r] = True, self.steer_weight
                 ctx.redirected.add(r)
                 row["forced"] = bool(probs[r] < self.threshold)
                 if st["redirected"] is None:
@@ -161,6 +200,10 @@ class SafeRedir(Guard):
     def summary(self, report: dict) -> str:
         steered = (f"; guided away from {report['steered_away']!r} (weight {self.steer_weight:g})"
                    if report.get("steered_away") else "")
+        if report.get("escalated"):
+            steps = sorted({report["rows"][r]["escalated_step"] for r in report["escalated"]})
+            steered += (f", weight {self.steer_escalate:g} from step {', '.join(map(str, steps))} (latent still "
+                        "judged unsafe after the redirect)")
         if report.get("forced_by"):
             return (f"prompt flagged by {', '.join(report['forced_by'])}: prompt embedding redirected from step "
                     f"{report['detection_step']}{steered}")
