@@ -97,20 +97,27 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;
 # SafePatch leaves a redirected prompt to SafeRedir, whose redirect also learned attack-style variants, and SafeCtrl
 # is the prompt-only one (dev choices: bench/results/stack_prompt_only_dev/README.md). A redirected row's negative
-# prompt moves STACK_STEER_WEIGHT of the way to the unsafe kinds' words (bench/results/steer_away_dev/README.md)
+# prompt moves STACK_STEER_WEIGHT of the way to the unsafe kinds' words (bench/results/steer_away_dev/README.md), all
+# the way when a later check still reads its latent unsafe, and SafePatch patches it again then; SafeGuider is the
+# classifier trained on attack-style edits too (bench/results/escalate_dev/README.md)
 STACK_CTRL := models/guards_prompt_only/tinyworld/safectrl
 STACK_REDIR := models/guards_adversarial/tinyworld/saferedir
+STACK_GUIDER := models/guards_adversarial/tinyworld/safeguider
 STACK_STEER := knife, blood, skull
 STACK_STEER_WEIGHT := 0.4
+STACK_ESCALATE := 1.0
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
-                              $(foreach w,$(STACK_CTRL) $(STACK_REDIR),$(w)/model.safetensors $(w)/config.json) \
+                              $(foreach w,$(STACK_CTRL) $(STACK_REDIR) $(STACK_GUIDER),$(w)/model.safetensors $(w)/config.json) \
                               $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
 	  --guard-weights safectrl=$(STACK_CTRL) --guard-weights saferedir=$(STACK_REDIR) \
+	  --guard-weights safeguider=$(STACK_GUIDER) \
 	  --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
-	  --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) --out $@
+	  --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) \
+	  --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) --guard-setting saferedir.escalate_patch=true \
+	  --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                              $(foreach g,safeguider saferedir,models/guards/tinyworld/$(g)/model.safetensors \

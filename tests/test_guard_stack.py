@@ -135,6 +135,10 @@ def test_steer_away_replaces_a_fired_rows_negative_prompt(stack_plan, tmp_path):
     bad = with_settings(stack_plan, tmp_path / "bad.plan", saferedir={"steer_away": steer, "steer_weight": 0})
     with pytest.raises(BundleError, match="steer_weight=0 must be a number in"):
         Pipeline.open(bad)
+    # a text the tokenizer would cut is refused too: the cut text is not what the build named
+    long = with_settings(stack_plan, tmp_path / "long.plan", saferedir={"steer_away": ", ".join([steer] * 4)})
+    with pytest.raises(BundleError, match=r"steer_away=.* is \d+ tokens, over tokenizer's limit of 16"):
+        Pipeline.open(long)
 
 
 def test_steer_escalate_strengthens_only_rows_the_recheck_reads_unsafe(stack_plan, tmp_path):

@@ -78,6 +78,11 @@ class SafeRedir(Guard):
         # SDXL: the graph redirects the pooled text_embeds too (export/guards/saferedir.py)
         self.pooled = "pooled" in {t.name for t in pipe.bundle.manifest.component(self.graph).inputs}
         self.steer_away, self.steer_weight = self.config["steer_away"], float(self.config["steer_weight"])
+        for name, _, tokenizer in pipe.tokenizers if self.steer_away else ():  # a cut text would steer elsewhere
+            enc = tokenizer([self.steer_away])
+            if enc.truncated[0]:
+                raise self.bad_config(f"steer_away={self.steer_away!r} is {enc.lengths[0]} tokens, over {name}'s "
+                                      f"limit of {tokenizer.max_length}: rebuild with a shorter text")
         self.steer_escalate = self.config["steer_escalate"]
         if self.steer_escalate is not None and (not self.steer_away or self.steer_escalate < self.steer_weight):
             raise self.bad_config(f"steer_escalate={self.steer_escalate!r} needs steer_away and a weight >= "
