@@ -33,6 +33,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: tuple[str, str], c
     tiles = [np.repeat(np.repeat(im, scale, axis=0), scale, axis=1) for im in (left, right)]
     h, w = tiles[0].shape[:2]
     width = 2 * w + 3 * MARGIN
+    lines = _wrap(lines, width - 2 * MARGIN)
     top = MARGIN + LINE + MARGIN
     height = top + LINE + h + MARGIN + LINE * len(lines) + MARGIN
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -47,3 +48,21 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: tuple[str, str], c
         draw.text((MARGIN, y), line, fill=(60, 60, 60))
         y += LINE
     return np.asarray(canvas)
+
+
+def _wrap(lines: list[str], width: int) -> list[str]:
+    """``lines`` broken at spaces to fit ``width`` pixels of the default font (a cut line hides what a guard did)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    out = []
+    for line in lines:
+        chars = len(line)
+        wrapped = textwrap.wrap(line, chars, subsequent_indent="  ")
+        while chars > 10 and max(map(measure, wrapped)) > width:
+            chars -= 1
+            wrapped = textwrap.wrap(line, chars, subsequent_indent="  ")
+        out += wrapped or [""]
+    return out
