@@ -265,3 +265,16 @@ def test_material_path_never_imports_the_renderer(guard):
                 todo += [m for m in _imports_of(path, pkg) if m not in seen and _module_file(m) is not None]
     assert f"train.{guard}.train" in seen and "train.data.load" in seen
     assert not {"train.tinyworld.render", "train.tinyworld.data", "train.tinyworld.world"} & seen, sorted(seen)
+
+
+def test_saferedir_adversarial_with_the_renderer_is_refused_before_the_data_step(tmp_path, capsys):
+    """``--adversarial`` edits tinyworld's --data prompts; with ``--renderer`` it is refused once the backbone is
+    known, before the renderer draws any trajectory (nothing cached, nothing written)."""
+    from train.__main__ import main
+
+    code = main(["saferedir", "--model", str(ROOT / "models" / "tinyworld"), "--renderer", "--adversarial", "2",
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert code == ExitCode.BAD_INPUT
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "drop --adversarial" in line, line
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "cache").rglob("*.npz"))

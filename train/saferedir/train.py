@@ -45,6 +45,9 @@ def fit(args, source_class) -> dict:
     if backbone.family == "sdxl" and getattr(args, "renderer", False):
         raise BadInputError("saferedir --renderer: tinyworld's renderer path is SD 1.x only; train an SDXL "
                             "backbone from --data (`python -m train data --model ...`)")
+    if args.adversarial > 0 and (backbone.family == "sdxl" or getattr(args, "renderer", False)):
+        raise BadInputError("saferedir --adversarial: the attack-style edits are tinyworld's (SD 1.x, --data): "
+                            "drop --adversarial")  # refused before the data step, not after it
     with acc.main_process_first():
         d = source.build()
     data_s = time.perf_counter() - t0
@@ -102,8 +105,6 @@ def fit(args, source_class) -> dict:
     metrics = {"data_seconds": round(data_s, 1), **source.describe(d)}
     adv = None
     if args.adversarial > 0:
-        if sdxl or getattr(args, "renderer", False):
-            raise BadInputError("saferedir --adversarial: the attack-style edits are tinyworld's (SD 1.x, --data)")
         from .adversarial import adversarial_pairs
 
         with acc.main_process_first():
