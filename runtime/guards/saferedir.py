@@ -107,8 +107,7 @@ class SafeRedir(Guard):
 
     def step_feeds(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray) -> dict[str, np.ndarray]:
         rep, st = ctx.report[self.name], ctx.state_of(self.name)
-        recheck = self.steer_escalate is not None and ctx.cfg and (st["fired"] & ~st["escalated"]).any()
-        if ((recheck or not st["fired"].all()) and i >= self.first_check
+        if ((self._to_recheck(ctx).any() or not st["fired"].all()) and i >= self.first_check
                 and (i - self.first_check) % self.check_every == 0):
             self._check(ctx, i, t, x, rep)
         feeds = {}
@@ -138,9 +137,15 @@ class SafeRedir(Guard):
             st["steered"][k] = rows
         return st["steered"]
 
+    def _to_recheck(self, ctx: GuardContext) -> np.ndarray:
+        """Rows fired earlier and not yet escalated, when the bundle escalates (a CFG call only: it steers)."""
+        st = ctx.state_of(self.name)
+        return st["fired"] & ~st["escalated"] & (self.steer_escalate is not None and ctx.cfg)
+
     def _check(self, ctx: GuardContext, i: int, t: np.float32, x: np.ndarray, rep: dict) -> None:
         st = ctx.state_of(self.name)
-        rechecked = st["fired"] & ~st["escalated"] & (self.steer_escalate is not None and ctx.cfg)  # fired earlier
+        rechecked = self._to_recheck(ctx)
+        before = st["weight"].copy()
         cond = ctx.feeds["encoder_hidden_states"][ctx.cond_rows]
         embeds = np.array(cond, dtype=np.float32, copy=True)
         if rechecked.any():
@@ -195,7 +200,7 @@ class SafeRedir(Guard):
                            scale=[round(float(v), 3) for v in out["scale"][r]])
                 if rep["detection_step"] is None:
                     rep.update(triggered=True, detection_step=int(i))
-        if ctx.cfg and self.steer_away and st["fired"].any():
+        if ctx.cfg and self.steer_away and (st["weight"] != before).any():  # a row fired or escalated here
             self._steer_rows(ctx)
             rep["steered_away"] = self.steer_away
 
