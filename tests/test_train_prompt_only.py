@@ -189,6 +189,19 @@ def test_saferedir_adversarial_variants(fixture_data, tmp_path):
     assert any(not np.array_equal(adv[k], plain[k]) for k in adv)
 
 
+def test_saferedir_adversarial_cache_is_per_backbone(fixture_data, tmp_path):
+    """The same prompts under another backbone's text encoder are other rows: one cache keeps both, never mixed."""
+    work = tmp_path / "work"
+    for family in ("sd1", "sd2"):
+        model, data = fixture_data(family)
+        assert train("saferedir", model, data, tmp_path / family, work, "--adversarial", "2") == 0
+    files = sorted((work / "saferedir").glob("adversarial_*.npz"))
+    assert len(files) == 2
+    with np.load(files[0]) as a, np.load(files[1]) as b:
+        assert list(a["prompt"]) == list(b["prompt"])  # the same variants ...
+        assert a["emb"].shape != b["emb"].shape or not np.array_equal(a["emb"], b["emb"])  # ... each encoder's rows
+
+
 @pytest.mark.parametrize("guard", TRAINED)
 def test_data_folder_of_another_backbone_is_refused(guard, fixture_data, tmp_path, capsys):
     model, _ = fixture_data("sd1")

@@ -25,7 +25,8 @@ def adversarial_pairs(pipe, d: dict, cache: Path, n: int, seed: int) -> dict[str
     ``train/safeguider/adversarial.py``; never a held-out synonym or an evaluation caption) -> ``{"emb": (M, L, D),
     "pair": (M,) index of the pair, "prompt": (M,)}``. Stage 2 redirects them toward their pair's safe image."""
     prompts = [str(p) for p in d["pair_prompt"]]
-    key = f"adversarial_{_sha(prompts)}_n{n}_s{seed}.npz"
+    # the pairs' own embeddings in the key: the same prompts under another text encoder are other variants' rows
+    key = f"adversarial_{_sha(prompts)}_{hashlib.sha256(d['pair_emb'].tobytes()).hexdigest()[:12]}_n{n}_s{seed}.npz"
 
     def make() -> dict[str, np.ndarray]:
         vocab = list(pipe.tokenizer.get_vocab())
