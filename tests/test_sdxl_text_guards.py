@@ -214,6 +214,49 @@ def test_saferedir_feeds_match_torch(triggered, trained, backbone, pipe):
         assert all(np.array_equal(f["encoder_hidden_states"], seen[0]["encoder_hidden_states"]) for f in seen)
 
 
+@pytest.fixture(scope="module")
+def half_plan(trained, tmp_path_factory):
+    """The same guards built FP16 (every ONNX graph but SDXL's VAE, which refuses it)."""
+    model, guards, _ = trained
+    plan = tmp_path_factory.mktemp("sdxl_text_guards_fp16") / "guarded_fp16.plan"
+    build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
+                            "safeguider,saferedir", "--guard-dir", str(guards.parent), "--precision", "fp16",
+                            "--exporter", "legacy", "--out", str(plan)],
+                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    return plan
+
+
+def test_fp16_build_reads_and_acts_as_the_fp32_one(half_plan, pipe):
+    """FP16 text stages with the fused SafeGuider head and an FP16 redirect graph: the features within 1e-2 of the
+    largest entry, the safe scores within 1e-3, the search acting alike, the same SafeRedir decision, and images within
+    40 dB of the FP32 bundle's, triggered or not (measured: 0.07% relative, 1.4e-4, 60.6-60.8 dB). The search's end
+    may differ: on these random weights candidates tie closer than FP16 reads them."""
+    from runtime.pipeline import Pipeline
+
+    with Pipeline.open(half_plan) as half:
+        assert {c.precision for c in half.bundle.manifest.components if c.name in ("text_encoder", "text_encoder_2",
+                                                                                  "safeguider", "redirect")} == {"fp16"}
+        full_out, half_out = _guard(pipe, "safeguider").encode(PROMPTS), _guard(half, "safeguider").encode(PROMPTS)
+        for name, want in full_out.items():
+            want, got = np.asarray(want, np.float64), np.asarray(half_out[name], np.float64)
+            tol = 1e-3 if name == "safe_score" else 1e-2 * np.abs(want).max()
+            assert np.abs(got - want).max() <= tol, name
+        for p in (pipe, half):  # flag every prompt: the search runs on both
+            _guard(p, "safeguider").config.update(threshold=1.0, mode="search")
+        ends = [p.generate(PROMPT, steps=3, seed=0).report["guards"]["safeguider"] for p in (pipe, half)]
+        assert ends[0]["action"] == ends[1]["action"] and ends[0]["candidates_scored"] > 0
+        for triggered in (True, False):
+            for p in (pipe, half):
+                _guard(p, "safeguider").config.update(threshold=0.0)  # passes all: SafeRedir decides alone
+                _guard(p, "saferedir").threshold = 0.0 if triggered else 1.0
+            full, fp16 = (p.generate(PROMPT, steps=3, seed=0) for p in (pipe, half))
+            assert fp16.report["guards"]["saferedir"]["triggered"] is full.report["guards"]["saferedir"]["triggered"] \
+                is triggered
+            mse = float(np.mean((full.images[0] / 255.0 - fp16.images[0] / 255.0) ** 2))
+            assert 10 * np.log10(1.0 / max(mse, 1e-12)) >= 40
+
+
 def _weights(kind: str, guard: str, models, root: Path) -> Path:
     """Random weights sized for the ``kind`` fixture (sd1 or sdxl)."""
     from export.families import load_backbone
