@@ -150,11 +150,14 @@ engines/tinyworld_xl_%.plan: $(XL_UNET) $(XL_GUARDS)/%/model.safetensors $(XL_GU
                              guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $* --guard-dir models/guards --out $@
 
-# SafePatch leaves a redirected prompt to SafeRedir here: chosen on dev, bench/results/stack_yield_dev/README.md
+# SafePatch leaves a redirected prompt to SafeRedir here (bench/results/stack_yield_dev/README.md); SafeRedir steers
+# and escalates as in the SD1 stack (chosen on dev: bench/results/tinyworld_xl_dev/steer_dev/README.md)
 engines/tinyworld_xl_safe.plan: $(XL_UNET) $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors \
                                 $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-dir models/guards --guard-setting safepatch.yield_to_redirect=true --out $@
+	  --guard-dir models/guards --guard-setting safepatch.yield_to_redirect=true \
+	  --guard-setting 'saferedir.steer_away=$(STACK_STEER)' --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) \
+	  --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) --guard-setting saferedir.escalate_patch=true --out $@
 
 xl-bundles: engines/tinyworld_xl.plan $(foreach g,$(GUARDED),engines/tinyworld_xl_$(g).plan) engines/tinyworld_xl_safe.plan  ## every tinyworld-xl bundle
 
