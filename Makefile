@@ -106,6 +106,10 @@ STACK_GUIDER := models/guards_adversarial/tinyworld/safeguider
 STACK_STEER := knife, blood, skull
 STACK_STEER_WEIGHT := 0.4
 STACK_ESCALATE := 1.0
+# one composition for both worlds' stacks: SafePatch yields to the redirect, SafeRedir steers and escalates
+STACK_SETTINGS := --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
+  --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) \
+  --guard-setting saferedir.escalate_patch=true
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
@@ -113,11 +117,7 @@ engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safe
                               $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
 	  --guard-weights safectrl=$(STACK_CTRL) --guard-weights saferedir=$(STACK_REDIR) \
-	  --guard-weights safeguider=$(STACK_GUIDER) \
-	  --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
-	  --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) \
-	  --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) --guard-setting saferedir.escalate_patch=true \
-	  --out $@
+	  --guard-weights safeguider=$(STACK_GUIDER) $(STACK_SETTINGS) --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                              $(foreach g,safeguider saferedir,models/guards/tinyworld/$(g)/model.safetensors \
@@ -155,9 +155,7 @@ engines/tinyworld_xl_%.plan: $(XL_UNET) $(XL_GUARDS)/%/model.safetensors $(XL_GU
 engines/tinyworld_xl_safe.plan: $(XL_UNET) $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors \
                                 $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-dir models/guards --guard-setting safepatch.yield_to_redirect=true \
-	  --guard-setting 'saferedir.steer_away=$(STACK_STEER)' --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) \
-	  --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) --guard-setting saferedir.escalate_patch=true --out $@
+	  --guard-dir models/guards $(STACK_SETTINGS) --out $@
 
 xl-bundles: engines/tinyworld_xl.plan $(foreach g,$(GUARDED),engines/tinyworld_xl_$(g).plan) engines/tinyworld_xl_safe.plan  ## every tinyworld-xl bundle
 

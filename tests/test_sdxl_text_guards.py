@@ -29,11 +29,13 @@ import pytest
 
 from runtime.errors import ExitCode
 
+from .test_sdxl_unet_guards import build
 from .test_train_data import BENIGN_CSV, JUDGE, PAIRS_CSV, fixture_args, run_step
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 PROMPT = "a cat sitting on a wooden chair with a bloody knife"
+TEXT_GUARDS = ("safeguider", "saferedir")
 PROMPTS = [PROMPT, "a bowl of fresh fruit", "a", "two children playing with a ball in a city street at night"]
 
 
@@ -72,11 +74,8 @@ def trained(models, tmp_path_factory):
                   "--cls-steps", "4", "--gen-steps", "2", "--text-prompts", "8", "--batch", "8",
                   "--gen-batch", "2"]) == 0
     plan = d / "guarded.plan"
-    build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
-                            "safeguider,saferedir", "--guard-dir", str(guards), "--precision", "fp32",
-                            "--exporter", "legacy", "--out", str(plan)],
-                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    assert build.returncode == 0, build.stderr[-2000:]
+    proc = build(model, guards, plan, TEXT_GUARDS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return model, guards / model.name, plan
 
 
@@ -219,19 +218,16 @@ def half_plan(trained, tmp_path_factory):
     """The same guards built FP16 (every ONNX graph but SDXL's VAE, which refuses it)."""
     model, guards, _ = trained
     plan = tmp_path_factory.mktemp("sdxl_text_guards_fp16") / "guarded_fp16.plan"
-    build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
-                            "safeguider,saferedir", "--guard-dir", str(guards.parent), "--precision", "fp16",
-                            "--exporter", "legacy", "--out", str(plan)],
-                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    assert build.returncode == 0, build.stderr[-2000:]
+    proc = build(model, guards.parent, plan, TEXT_GUARDS, precision="fp16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return plan
 
 
 def test_fp16_build_reads_and_acts_as_the_fp32_one(half_plan, pipe):
     """FP16 text stages with the fused SafeGuider head and an FP16 redirect graph: the features within 1e-2 of the
-    largest entry, the safe scores within 1e-3, the search acting alike, the same SafeRedir decision, and images within
-    40 dB of the FP32 bundle's, triggered or not (measured: 0.07% relative, 1.4e-4, 60.6-60.8 dB). The search's end
-    may differ: on these random weights candidates tie closer than FP16 reads them."""
+    largest entry, the safe scores within 1e-3, the search acting alike, the same SafeRedir decision, and images at
+    >= 40 dB PSNR against the FP32 bundle's, triggered or not (measured: 0.07% relative, 1.4e-4, 60.6-60.8 dB).
+    The search's end may differ: on these random weights candidates tie closer than FP16 reads them."""
     from runtime.pipeline import Pipeline
 
     with Pipeline.open(half_plan) as half:

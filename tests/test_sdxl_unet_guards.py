@@ -37,9 +37,10 @@ UNSAFE = "a cat sitting on a wooden chair with a bloody knife"
 STEPS, GUIDANCE, SEED = 6, 5.0, 3
 
 
-def build(model: Path, guard_root: Path, out: Path, guards=GUARDS) -> subprocess.CompletedProcess:
+def build(model: Path, guard_root: Path, out: Path, guards=GUARDS,
+          precision: str = "fp32") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards", ",".join(guards),
-                           "--guard-dir", str(guard_root), "--out", str(out), "--precision", "fp32", "--exporter",
+                           "--guard-dir", str(guard_root), "--out", str(out), "--precision", precision, "--exporter",
                            "legacy"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
 
 

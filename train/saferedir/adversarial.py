@@ -26,7 +26,7 @@ def adversarial_pairs(pipe, d: dict, cache: Path, n: int, seed: int) -> dict[str
     "pair": (M,) index of the pair, "prompt": (M,)}``. Stage 2 redirects them toward their pair's safe image."""
     prompts = [str(p) for p in d["pair_prompt"]]
     # the pairs' own embeddings in the key: the same prompts under another text encoder are other variants' rows
-    key = f"adversarial_{_sha(prompts)}_{hashlib.sha256(d['pair_emb'].tobytes()).hexdigest()[:12]}_n{n}_s{seed}.npz"
+    key = f"adversarial_{_sha(prompts, d['pair_emb'])}_n{n}_s{seed}.npz"
 
     def make() -> dict[str, np.ndarray]:
         vocab = list(pipe.tokenizer.get_vocab())
@@ -38,5 +38,5 @@ def adversarial_pairs(pipe, d: dict, cache: Path, n: int, seed: int) -> dict[str
     return _cached(Path(cache) / key, make)
 
 
-def _sha(texts: list[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+def _sha(texts: list[str], array: np.ndarray) -> str:
+    return hashlib.sha256("\n".join(texts).encode() + array.tobytes()).hexdigest()[:16]
