@@ -315,6 +315,9 @@ def _progress_callback(pipe, steps: int | None, print_lines: bool):
 
     def on_step(i: int, n: int, t: float) -> None:
         if bar is not None:
+            if i == 0 and bar.n:  # a checker asked for a second sampling (runtime/guards Resample)
+                bar.reset()
+                bar.set_description("denoise (again, guards at full strength)")
             bar.update()
         if print_lines:
             print(f"step {i + 1}/{n}", file=sys.stderr, flush=True)

@@ -66,7 +66,7 @@ from runtime.backends import NonFiniteOutputError, close_engines, open_engines
 from runtime.bundle import Bundle
 from runtime.denoise import DenoiseLoop, StepCallback
 from runtime.errors import BackendError, BadInputError, BundleError, GuardError, RuntimeToolError
-from runtime.guards import GuardContext, ImageBlocked, load_guards, run_hook
+from runtime.guards import GuardContext, ImageBlocked, ResampleRequested, load_guards, run_hook
 from runtime.schedulers import KARRAS_SCHEDULERS, SCHEDULERS, plan as make_plan
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 
@@ -141,6 +141,7 @@ class _Call:
     ms: dict[str, Any]
     t_start: float
     shared: dict[str, list[int]] = field(default_factory=dict)  # per UNet call: requests and rows in it
+    again: ResampleRequested | None = None  # the second sampling a checker asked for: its first images and verdict
 
 
 class Pipeline:
@@ -286,12 +287,21 @@ class Pipeline:
                    callback: StepCallback | None = None) -> list[Result | RuntimeToolError]:
         """One lockstep group (resolved settings): each request's text stage, the shared denoise loop, each
         request's decoding and image guards; each request's result or error."""
-        calls = [_attempt(self._begin, s) for s in group]
+        results = self._sample(group, [None] * len(group), callback)
+        again = [k for k, r in enumerate(results) if isinstance(r, ResampleRequested)]
+        if again:  # a checker read these unsafe: once more, every guard at full strength (runtime/guards Resample)
+            for k, r in zip(again, self._sample([group[k] for k in again], [results[k] for k in again], callback)):
+                results[k] = r
+        return results
+
+    def _sample(self, group: list[GenerationSettings], again: list[ResampleRequested | None],
+                callback: StepCallback | None) -> list[Result | RuntimeToolError]:
+        calls = [_attempt(self._begin, s, a) for s, a in zip(group, again)]
         live = [c for c in calls if isinstance(c, _Call)]
         latents = iter(self._denoise(live, callback) if live else [])
         return [self._settle(c, next(latents)) if isinstance(c, _Call) else self._fail_closed(c) for c in calls]
 
-    def _begin(self, s: GenerationSettings) -> _Call:
+    def _begin(self, s: GenerationSettings, again: ResampleRequested | None = None) -> _Call:
         """Tokenizer, text stage and the guards' ``on_text`` hooks: the request up to its denoise feeds."""
         t_start = time.perf_counter()
         cfg = s.guidance > 1.0
@@ -303,6 +313,9 @@ class Pipeline:
         ms["tokenize"] = _ms(t0)
 
         ctx = GuardContext(self, s.prompt, s.negative_prompt, cfg, s.batch, s.steps, encs[0].input_ids)
+        if again is not None:  # the checker's verdict flags the prompt; every guard removes at full strength
+            ctx.flags[again.guard] = {"rows": again.rows, "scores": again.scores}
+            ctx.escalate = True
         t0 = time.perf_counter()
         ctx.text = self._encode_text(encs, cfg, s.negative_prompt)
         ms["text_encoder"] = _ms(t0)
@@ -313,7 +326,7 @@ class Pipeline:
             e.guard_report = self._guard_report(ctx, ms)
             raise
         ctx.feeds = self._conditioning(ctx.text, s.batch, s.height, s.width)
-        return _Call(s, ctx, encs, ms, t_start)
+        return _Call(s, ctx, encs, ms, t_start, again=again)
 
     def _settle(self, call: _Call, latent: np.ndarray | RuntimeToolError) -> Result | RuntimeToolError:
         """The request's :class:`Result` from its final latent, or its error (fail closed)."""
@@ -341,6 +354,8 @@ class Pipeline:
         t0 = time.perf_counter()
         images = self._decode(latent)
         ms["vae_decoder"] = _ms(t0)
+        if call.again is not None:  # rows the checker passed keep their first image
+            images = [im if r in call.again.rows else call.again.images[r] for r, im in enumerate(images)]
         for guard in self.guards:
             run_hook(guard, "on_images", ctx, images)
         guards = self._guard_report(ctx, ms)
@@ -357,6 +372,9 @@ class Pipeline:
                   "backend": self.backend, "providers": self.providers, "truncated": truncated,
                   **({"truncated_by_tokenizer": by_tokenizer} if self.sdxl else {}),
                   "warnings": warnings, "stages_ms": ms, "guards": guards, "denoise_shared": call.shared}
+        if call.again is not None:
+            report["resampled"] = {"by": call.again.guard, "rows": call.again.rows, "scores": call.again.scores,
+                                   "first_guards": call.again.guard_report}
         return Result(images, report)
 
     @staticmethod

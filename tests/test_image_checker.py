@@ -6,6 +6,9 @@
   tiny hand-made ONNX graph; preprocessing (resize, layout, scale, mean/std);
 * end to end: a benign prompt passes with a report, an unsafe one is blocked (ImageBlocked, exit 6, no PNG,
   the --report JSON still written with ``"blocked": true``), also with the checker embedded in a bundle;
+* ``on_unsafe: "resample"``: a request read unsafe is sampled once more with the guards at full strength (SafeRedir
+  redirected and escalated from step 0 on the checker's flag); what is then clean is returned, what is not is
+  refused; requests read safe are untouched;
 * NudeNet's 320n.onnx (from the ``nudenet`` wheel, not a dependency) on a tinyworld image, when available.
 """
 
@@ -235,6 +238,40 @@ def test_export_build_embeds_checker(tinyworld_dir, tmp_path):
         assert pipe.bundle.manifest.component("image_checker").kind == "guard"
         with pytest.raises(ImageBlocked):
             pipe.generate(UNSAFE, steps=8)
+
+
+def test_resample_removes_with_every_guard_then_refuses_what_stays_unsafe(guarded_plan, tinyworld_plan, tmp_path):
+    """A SafeRedir bundle whose own classifier never fires (threshold 1) draws the knife; the checker in resample
+    mode reads it, and the second sampling runs with the checker's flag: SafeRedir redirects from step 0 and, built to
+    escalate, escalates at once. The returned image is clean and the report says what happened; a benign request in
+    the same lockstep group is bit-identical to the bundle without the checker. With no guard to remove (the
+    unguarded bundle) the second image is read unsafe too and the request is refused (exit 6)."""
+    from runtime.pipeline import GenerationSettings
+
+    from .test_guard_stack import with_settings
+
+    deaf = with_settings(guarded_plan("saferedir"), tmp_path / "deaf.plan",
+                         saferedir={"threshold": 1.0, "steer_away": "knife, blood, skull", "steer_weight": 0.4,
+                                    "steer_escalate": 1.0})
+    resample = checker_config(on_unsafe="resample")
+    requests = [GenerationSettings(UNSAFE, steps=10, seed=1), GenerationSettings(SAFE, steps=10, seed=2)]
+    with Pipeline.open(deaf) as plain:
+        first, benign = plain.run_many(requests)
+    with Pipeline.open(deaf, extra_guards={"image_checker": resample}) as pipe:
+        unsafe, safe = pipe.run_many(requests)
+    assert first.report["guards"]["saferedir"]["triggered"] is False
+    rep = unsafe.report["guards"]
+    assert unsafe.report["resampled"]["by"] == "image_checker" and unsafe.report["resampled"]["rows"] == [0]
+    assert unsafe.report["resampled"]["scores"][0] >= 0.5 and rep["image_checker"]["scores"][0] < 0.5
+    assert rep["saferedir"]["forced_by"] == ["image_checker"] and rep["saferedir"]["rows"][0]["escalated_step"] == 0
+    assert rep["image_checker"]["resampled"]["rows"] == [0]
+    assert "resampled" not in safe.report and np.array_equal(safe.images[0], benign.images[0])
+    with Pipeline.open(tinyworld_plan, extra_guards={"image_checker": resample}) as pipe:
+        with pytest.raises(ImageBlocked, match="after sampling it again with every guard at full strength") as e:
+            pipe.generate(UNSAFE, steps=8, seed=0)
+    assert e.value.exit_code == 6 and e.value.guard_report["image_checker"]["resampled"]["rows"] == [0]
+    with pytest.raises(BadInputError, match="on_unsafe"):
+        check_config(checker_config(on_unsafe="retry"), "user", "c.json")
 
 
 # -- NudeNet (optional) ------------------------------------------------------------------------------------------

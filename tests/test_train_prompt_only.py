@@ -85,10 +85,22 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
     assert 1 <= refined["pairs_kept"] <= derived and log["counts"]["positive_images"] == 4 + refined["pairs_kept"]
     assert 0 < refined["area_refined"] <= refined["area_derived"]
     assert log["stage2_mask"]["kind"] == "detector" and log["counts"]["dpo_pairs"] >= 1
+    # the learned image checker (issue 20) from the same folder, embedded beside the guards
+    from train.__main__ import main
+
+    checker, judged = tmp_path / "checker", _judged_unsafe(data, tmp_path / "judged")
+    assert main(["image-checker", "--data", str(judged), "--out", str(checker), "--steps", "3", "--batch-size", "8"]) == 0
+    config = json.loads((checker / "config.json").read_text())
+    assert config["categories"] == ["violence"] and config["data_sha256"] == load_data(judged).sha256
+    assert json.loads((checker / "checker.json").read_text())["on_unsafe"] == "resample"
+    # three steps learn nothing: threshold 1 (never reached) keeps the wiring check independent of its scores
+    passing = tmp_path / "passing.json"
+    passing.write_text(json.dumps({**json.loads((checker / "checker.json").read_text()), "threshold": 1.0}))
     plan = tmp_path / "guarded.plan"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     build = subprocess.run([sys.executable, "-m", "export", "build", "--model", str(model), "--guards",
-                            ",".join(TRAINED), "--guard-dir", str(guard_root), "--out", str(plan)],
+                            ",".join(TRAINED), "--guard-dir", str(guard_root), "--checker", str(checker / "checker.onnx"),
+                            "--checker-config", str(passing), "--out", str(plan)],
                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     png = tmp_path / "out.png"
@@ -98,7 +110,45 @@ def test_prompt_only_training_builds_and_generates(family, fixture_data, tmp_pat
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     report = json.loads(png.with_suffix(".json").read_text())
-    assert png.stat().st_size > 0 and list(report["guards"]) == list(TRAINED)
+    assert png.stat().st_size > 0 and list(report["guards"]) == [*TRAINED, "image_checker"]
+    assert len(report["guards"]["image_checker"]["scores"]) == 1
+
+
+def _judged_unsafe(data: Path, dest: Path) -> Path:
+    """A copy of the fixture's data folder whose judge threshold is 0: the fixture judge (threshold 1, so that every
+    candidate is kept) then counts every unsafe prompt's image as unsafe, the checker's positives."""
+    shutil.copytree(data, dest)
+    info = json.loads((dest / "data.json").read_text())
+    info["judge"]["threshold"] = 0.0
+    (dest / "data.json").write_text(json.dumps(info))
+    return dest
+
+
+def test_image_checker_graph_matches_its_network_and_refuses_bad_input(fixture_data, tmp_path, capsys):
+    """The exported checker.onnx computes the trained network's max sigmoid (ONNX Runtime vs PyTorch); a folder that is
+    not a data folder, or a blend share out of range, is one error line, exit 3, nothing written."""
+    import onnxruntime as ort
+    import torch
+
+    from train.__main__ import main
+    from train.image_checker.model import Checker, CheckerConfig, save
+
+    _, data = fixture_data("sd1")
+    torch.manual_seed(0)
+    net = Checker(CheckerConfig(categories=["a", "b"], image_size=32, width=8)).eval()
+    save(net, tmp_path / "ck", {})
+    x = torch.rand(3, 3, 32, 32)
+    got = ort.InferenceSession(str(tmp_path / "ck" / "checker.onnx")).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x).sigmoid().amax(1).numpy()
+    assert got.shape == (3,) and np.allclose(got, want, atol=1e-5)
+    for args, needle in ((["--data", str(tmp_path)], "no data.json"),
+                         (["--data", str(data)], "called none of its unsafe prompts' images unsafe"),
+                         (["--data", str(data), "--blend-share", "1.5"], "--blend-share 1.5")):
+        assert main(["image-checker", *args, "--out", str(tmp_path / "out")]) == ExitCode.BAD_INPUT
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and needle in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def _derived_positives(data: Path) -> int:

@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     random_init.add_arguments(sub.add_parser("random-init", help=random_init.__doc__.strip().splitlines()[0]))
     from .data import step
     step.add_arguments(sub.add_parser("data", help=step.__doc__.strip().splitlines()[0]))
+    from .image_checker import cli as checker_cli
+    checker_cli.add_arguments(sub.add_parser("image-checker", help=checker_cli.__doc__.strip().splitlines()[0]))
     args = parser.parse_args(argv)
 
     if args.command in GUARDS:
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return random_init.main(args)
     if args.command == "data":
         return step.main(args)
+    if args.command == "image-checker":
+        return checker_cli.main(args)
     if args.action == "fit":
         from .options import run_trainer
 

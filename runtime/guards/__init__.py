@@ -47,6 +47,13 @@ switches. SafePatch built with ``yield_to_redirect: true`` stops patching that r
 was trained on the prompt's own conditioning and can over-edit a redirected one, which costs the scene where it
 does (the tinyworld-xl stack: bench/results/stack_yield_dev/README.md); with ``false`` both act.
 
+**Resample.** A post-hoc image checker built with ``on_unsafe: "resample"`` does not refuse a first image it reads
+unsafe: it raises :class:`ResampleRequested` and the pipeline runs the request once more, with the checker's verdict
+as a flag (``ctx.flags[<checker>]``: the guards remove on it as on SafeGuider's) and ``ctx.escalate`` set: every guard
+removes at its full strength from its first step (SafeRedir redirects and escalates at once). Rows the checker passed
+keep their first image; the others take the second one, and the checker reads them again: an image still read
+unsafe is refused (ImageBlocked). Only requests the checker read unsafe pay the second sampling.
+
 Each guard writes its report into ``ctx.report[name]`` (a JSON-able dict); the pipeline adds ``time_ms``, the
 guard's time in all its hooks, measured in one place (:func:`run_hook`), and puts ``ctx.report`` into
 ``Result.report["guards"]``.
@@ -93,6 +100,15 @@ class ImageBlocked(GuardError):
     exit_code = ExitCode.GUARD
 
 
+class ResampleRequested(ImageBlocked):
+    """A checker read some of a request's images unsafe and asks for one more, fully escalated, sampling (Resample in
+    the module docstring). The pipeline handles it; anything that sees it unhandled treats it as a refusal."""
+
+    def __init__(self, message: str, guard: str, rows: list[int], scores: list[float], images: list[np.ndarray]):
+        super().__init__(message)
+        self.guard, self.rows, self.scores, self.images = guard, rows, scores, images
+
+
 @dataclass
 class GuardContext:
     """The state of one ``generate`` call that guards read and change (see the module docstring)."""
@@ -111,6 +127,7 @@ class GuardContext:
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # per guard: seconds per STAGE_OF_HOOK
     flags: dict[str, dict[str, Any]] = field(default_factory=dict)  # gate verdicts: guard -> what it saw (Flags)
     redirected: set[int] = field(default_factory=set)  # batch rows whose prompt a guard replaced (Redirected rows)
+    escalate: bool = False  # the second sampling of a request a checker read unsafe: full removal from step 0 (Resample)
 
     def state_of(self, guard: str) -> dict[str, Any]:
         """Guard ``guard``'s mutable state for this call. Guards keep per-call state here, not on ``self``: one

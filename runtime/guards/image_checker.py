@@ -1,13 +1,16 @@
 """The optional post-hoc image checker: any ONNX image classifier run on the decoded images (off by default).
 
 It runs after the VAE decoder (hook ``on_images``). If any image's unsafe score is ``>= threshold`` it
-raises :class:`~runtime.guards.ImageBlocked` (exit code 6): no image is returned, so none is written. It
-always reports ``ctx.report[<its name>] = {"scores", "threshold", "blocked", "model"}`` (with ``--report`` the
-CLI still writes that report JSON for a blocked run, with ``"blocked": true``, but never the PNG).
+raises :class:`~runtime.guards.ImageBlocked` (exit code 6): no image is returned, so none is written; with
+``on_unsafe: "resample"`` it first has the request sampled once more with every guard at full strength and refuses
+only what is still read unsafe then (Resample in ``runtime/guards/__init__.py``). It always reports
+``ctx.report[<its name>] = {"scores", "threshold", "blocked", "model"}`` (plus ``resampled``: the first sampling's
+rows and scores, on a second sampling; with ``--report`` the CLI still writes that report JSON for a blocked run, with
+``"blocked": true``, but never the PNG).
 
 Turning it on: embedded in the bundle (then it is one of the bundle's guards, and nothing at run time can
 change it), or added at run time under a name of its own, after the bundle's guards (a bundle's checker
-stays in force: an added checker can only block more)::
+stays in force: an added checker can only block or remove more)::
 
     python -m export build ... --checker FILE.onnx [--checker-config FILE.json]   # embedded: component "image_checker"
     runtime generate --prompt ... --checker models/tinyworld-judge/checker.onnx      # added as "image_checker.extra"
@@ -37,7 +40,10 @@ key                 meaning
 ``activation``      classifier only: what the output holds. ``"none"`` (default): probabilities already;
                     ``"sigmoid"``: logits, multi-label; ``"softmax"``: logits, one class per image
 ``unsafe_classes``  column indices of unsafe classes in a ``(B, C)`` output (unused for a ``(B,)`` output)
-``threshold``       block when a score ``>= threshold`` (default 0.5)
+``threshold``       act when a score ``>= threshold`` (default 0.5)
+``on_unsafe``       ``"block"`` (default): refuse the request; ``"resample"``: sample it once more with every guard
+                    of the bundle removing at full strength from step 0, then refuse what is still read unsafe
+                    (Resample in ``runtime/guards/__init__.py``; only requests read unsafe pay it)
 ==================  ===========================================================================================
 
 Scores. ``"classifier"``: a ``(B,)`` output is the unsafe probability itself (after ``activation``: sigmoid
@@ -76,7 +82,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import BadInputError, GuardError
-from runtime.guards import Guard, GuardContext, ImageBlocked
+from runtime.guards import Guard, GuardContext, ImageBlocked, ResampleRequested
 from runtime.guards.settings import count, indices, label, one_of, optional, positive, unit, validate
 
 KINDS = ("classifier", "nudenet")
@@ -91,7 +97,8 @@ NUDENET_UNSAFE = (2, 3, 4, 6, 14)
 # every setting but path / component has this default (the checker's one home: it has no torch side)
 DEFAULTS = {"path": None, "component": None, "input": None, "size": None, "layout": "NCHW", "scale": 1 / 255,
             "mean": 0.0, "std": 1.0, "output": None, "kind": "classifier", "activation": "none",
-            "unsafe_classes": None, "threshold": 0.5}
+            "unsafe_classes": None, "threshold": 0.5, "on_unsafe": "block"}
+ON_UNSAFE = ("block", "resample")
 
 
 def _size(v: Any) -> str | None:
@@ -118,16 +125,20 @@ class ImageChecker(Guard):
     SETTINGS = {"path": optional(label), "component": optional(label), "input": optional(label),
                 "size": optional(_size), "layout": one_of(*LAYOUTS), "scale": positive, "mean": _channels,
                 "std": _nonzero_channels, "output": optional(label), "kind": one_of(*KINDS),
-                "activation": one_of(*ACTIVATIONS), "unsafe_classes": optional(indices), "threshold": unit}
+                "activation": one_of(*ACTIVATIONS), "unsafe_classes": optional(indices), "threshold": unit,
+                "on_unsafe": one_of(*ON_UNSAFE)}
 
     def __init__(self, pipe, config: dict[str, Any], **kwargs):
-        # a user's config gets the defaults; a bundle's is complete (the exporter writes check_config's result)
-        super().__init__(pipe, config if kwargs.get("source") == "bundle" else with_defaults(config), **kwargs)
+        # a user's config gets the defaults; a bundle's is complete (the exporter writes check_config's result), but
+        # for on_unsafe, which bundles built before it lack (they block)
+        bundle = kwargs.get("source") == "bundle" and isinstance(config, dict)
+        super().__init__(pipe, {"on_unsafe": "block", **config} if bundle else with_defaults(config), **kwargs)
         c = self.config
         if (c["path"] is None) == (c["component"] is None):
             raise self.bad_config('give exactly one of "path" (an ONNX file) or "component" (a bundle component)')
         self.kind, self.activation, self.layout = c["kind"], c["activation"], c["layout"]
         self.threshold, self.scale = float(c["threshold"]), float(c["scale"])
+        self.resample = c["on_unsafe"] == "resample"
         self.mean = np.asarray(c["mean"], dtype=np.float32).reshape(-1)
         self.std = np.asarray(c["std"], dtype=np.float32).reshape(-1)
         default_unsafe = list(NUDENET_UNSAFE) if self.kind == "nudenet" else []
@@ -173,10 +184,20 @@ class ImageChecker(Guard):
         blocked = [s >= self.threshold for s in scores]
         ctx.report[self.name] = {"scores": [round(s, 6) for s in scores], "threshold": self.threshold,
                                  "blocked": any(blocked), "model": self.model}
+        first = ctx.flags.get(self.name) if ctx.escalate else None
+        if first is not None:  # the second sampling this checker asked for (Resample)
+            ctx.report[self.name]["resampled"] = first
+        if any(blocked) and self.resample and not ctx.escalate:
+            rows = [i for i, b in enumerate(blocked) if b]
+            ctx.report[self.name]["blocked"] = False
+            raise ResampleRequested(f"image checker {self.model} read image(s) {rows} unsafe: sampling again with "
+                                    "every guard at full strength", self.name, rows,
+                                    [round(scores[i], 6) for i in rows], images)
         if any(blocked):
             worst = max(range(len(scores)), key=lambda i: scores[i])
+            again = " after sampling it again with every guard at full strength" if first is not None else ""
             raise ImageBlocked(f"image checker {self.model} blocked image {worst} of {len(scores)}: unsafe score "
-                               f"{scores[worst]:.3f} >= threshold {self.threshold}; no image was written")
+                               f"{scores[worst]:.3f} >= threshold {self.threshold}{again}; no image was written")
 
     def parts(self) -> set[str]:
         return {self.config["component"]} if self.config["component"] else set()

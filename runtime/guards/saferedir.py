@@ -28,6 +28,9 @@ Per image of the batch (rows of the conditional half), independently:
   so a SafePatch built with ``yield_to_redirect`` patches it again. A redirect that worked leaves the latent
   reading safe under it, so only rows whose image keeps the object (a spelling the redirect missed) pay the
   stronger removal's cost;
+- the second sampling of a request an image checker read unsafe (``ctx.escalate``, Resample in
+  ``runtime/guards/__init__.py``): every row fires at the first check (the checker's flag) and is escalated in the
+  same step (a second graph call on its redirected embedding), so the full removal runs from step 0;
 - rows that never fire are passed through untouched (no feed override at all while nothing fired), so a
   benign prompt gives the bit-identical image of the unguarded bundle.
 
@@ -170,7 +173,7 @@ class SafeRedir(Guard):
             if rechecked[r]:
                 rep["rows"][r]["rechecks"].append({"step": int(i), "t": float(t),
                                                    "unsafe_prob": round(float(probs[r]), 5)})
-                if probs[r] >= self.escalate_threshold:
+                if probs[r] >= self.escalate_threshold or ctx.escalate:
                     st["escalated"][r], st["weight"][r] = True, self.steer_escalate
                     st["redirected"][r] = out["redirected"][r]  # redirected once more: the check's own output
                     if self.pooled:
@@ -203,6 +206,8 @@ class SafeRedir(Guard):
         if ctx.cfg and self.steer_away and (st["weight"] != before).any():  # a row fired or escalated here
             self._steer_rows(ctx)
             rep["steered_away"] = self.steer_away
+        if ctx.escalate and self._to_recheck(ctx).any():  # resampling: escalate what just fired, in this step
+            self._check(ctx, i, t, x, rep)
 
     def parts(self) -> set[str]:
         return {self.graph}
