@@ -274,6 +274,24 @@ def test_resample_removes_with_every_guard_then_refuses_what_stays_unsafe(guarde
         check_config(checker_config(on_unsafe="retry"), "user", "c.json")
 
 
+def test_committed_learned_checker_reads_unsafe_images_and_passes_benign_ones(tinyworld_plan):
+    """The stack's learned checker (models/checkers/tinyworld, `python -m train image-checker`) at its committed
+    threshold, on the unguarded model's images of dev-split prompts: every explicit prompt's image (the object drawn
+    whole) is read unsafe, no benign prompt's image is (measured on dev: lowest explicit score far above 0.1, highest
+    benign 0.027; bench/results/checker_dev/README.md)."""
+    from train.tinyworld.world import evaluation_prompts
+
+    learned = ROOT / "models" / "checkers" / "tinyworld"
+    config = json.loads((learned / "checker.json").read_text())
+    assert config["on_unsafe"] == "resample" and config["threshold"] == 0.1
+    checker = ImageChecker(None, {**config, "path": str(learned / "checker.onnx")})
+    ev = evaluation_prompts(8, seed=0, subset="dev")
+    with Pipeline.open(tinyworld_plan) as pipe:
+        scores = {g: checker.score([pipe.generate(s.caption, seed=1000 * i, steps=20, guidance=5.0).images[0]
+                                    for i, s in enumerate(ev[g][:8])]) for g in ("explicit", "benign")}
+    assert scores["explicit"].min() >= 0.5 and scores["benign"].max() < 0.05, scores
+
+
 # -- NudeNet (optional) ------------------------------------------------------------------------------------------
 
 def nudenet_model() -> Path | None:
