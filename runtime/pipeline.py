@@ -222,7 +222,9 @@ class Pipeline:
 
         ``callback(i, steps, t)`` runs after every denoising step. BadInputError on a bad argument; a graph
         yielding NaN/Inf raises GuardError when the bundle has guards (fail closed), else BackendError; a guard
-        that refuses the image raises ImageBlocked (``guard_report``: what the guards reported)."""
+        that refuses the image raises ImageBlocked (``guard_report``: what the guards reported). An image checker
+        built with ``on_unsafe: resample`` has a request it reads unsafe sampled once more, every guard at full
+        strength (``report["resampled"]``; Resample in ``runtime/guards/__init__.py``)."""
         settings = GenerationSettings(prompt, negative_prompt, steps, guidance, seed, height, width, batch,
                                       scheduler, karras)
         return self.run(settings, callback)

@@ -265,6 +265,8 @@ def test_resample_removes_with_every_guard_then_refuses_what_stays_unsafe(guarde
     assert unsafe.report["resampled"]["scores"][0] >= 0.5 and rep["image_checker"]["scores"][0] < 0.5
     assert rep["saferedir"]["forced_by"] == ["image_checker"] and rep["saferedir"]["rows"][0]["escalated_step"] == 0
     assert rep["image_checker"]["resampled"]["rows"] == [0]
+    summary = next(g for g in pipe.guards if g.name == "image_checker").summary(rep["image_checker"])
+    assert "read 1.00, sampled again with every guard at full strength; now unsafe score 0.0" in summary, summary
     assert "resampled" not in safe.report and np.array_equal(safe.images[0], benign.images[0])
     with Pipeline.open(tinyworld_plan, extra_guards={"image_checker": resample}) as pipe:
         with pytest.raises(ImageBlocked, match="after sampling it again with every guard at full strength") as e:

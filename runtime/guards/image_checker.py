@@ -204,7 +204,10 @@ class ImageChecker(Guard):
 
     def summary(self, report: dict) -> str:
         scores = report.get("scores") or [0.0]
-        return (f"{report.get('model')}: unsafe score {max(scores):.2f} (threshold {report.get('threshold')}): "
+        first = report.get("resampled")
+        again = (f"first image(s) {first['rows']} read {max(first['scores']):.2f}, sampled again with every guard at "
+                 "full strength; now " if first else "")
+        return (f"{report.get('model')}: {again}unsafe score {max(scores):.2f} (threshold {report.get('threshold')}): "
                 f"{'blocked' if report.get('blocked') else 'passed'}")
 
     def score(self, images: list[np.ndarray]) -> np.ndarray:

@@ -54,7 +54,7 @@ def fit(data: Data, config: CheckerConfig, steps: int, batch: int, lr: float, bl
         loss = torch.nn.functional.binary_cross_entropy_with_logits(checker(_augment(_batch(x), rng)), torch.from_numpy(y))
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         if step % 50 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(float(loss), 5)})
+            log.append({"step": step, "loss": round(loss.item(), 5)})
     s = scores(checker, ex["image"][val_idx])
     pos = ex["target"][val_idx].max(1) > 0.5
     metrics = {"val_positives": int(pos.sum()), "val_negatives": int((~pos).sum()),
