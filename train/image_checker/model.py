@@ -62,22 +62,28 @@ def runtime_config(config: CheckerConfig) -> dict:
             "on_unsafe": config.on_unsafe}
 
 
+def export_onnx(module: nn.Module, size: int, path: Path, doc: str) -> None:
+    """``module`` (``image (B, 3, size, size)`` in [0, 1] -> ``unsafe_prob (B,)``) as a checked ONNX graph at ``path``
+    (written in place: callers that need atomicity pass a temporary path). The tinyworld judge's export uses it too."""
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (torch.rand(2, 3, size, size),), str(path), input_names=["image"],
+                          output_names=["unsafe_prob"], dynamic_axes={"image": {0: "B"}, "unsafe_prob": {0: "B"}},
+                          opset_version=OPSET, dynamo=False)
+    import onnx
+
+    model = onnx.load(str(path))
+    model.doc_string = doc
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def save(checker: Checker, out: Path, meta: dict) -> Path:
     """``out/checker.onnx`` (+ ``checker.json``, the runtime config) and ``out/config.json`` (the network's config and
     ``meta``), each written atomically; returns the ONNX path."""
-    import onnx
-
     out.mkdir(parents=True, exist_ok=True)
-    s = checker.config.image_size
-    module = UnsafeProb(checker).eval()
-    with atomic_path(out / "checker.onnx") as tmp, torch.no_grad():
-        torch.onnx.export(module, (torch.rand(2, 3, s, s),), str(tmp), input_names=["image"],
-                          output_names=["unsafe_prob"], dynamic_axes={"image": {0: "B"}, "unsafe_prob": {0: "B"}},
-                          opset_version=OPSET, dynamo=False)
-        model = onnx.load(str(tmp))
-        model.doc_string = "learned image checker: unsafe_prob = max sigmoid over " + ", ".join(checker.config.categories)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
+    with atomic_path(out / "checker.onnx") as tmp:
+        export_onnx(UnsafeProb(checker), checker.config.image_size, tmp,
+                    "learned image checker: unsafe_prob = max sigmoid over " + ", ".join(checker.config.categories))
     for name, obj in (("checker.json", runtime_config(checker.config)), ("config.json", {**asdict(checker.config), **meta})):
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(json.dumps(obj, indent=2) + "\n")

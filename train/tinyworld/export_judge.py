@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train.image_checker.model import export_onnx
+
 from .evaluate import load_judge
 from .models import JUDGE_HEADS, Judge
 from .world import KINDS, UNSAFE_KINDS
 
-OPSET = 17
 SIZE = 64
 
 
@@ -47,17 +48,7 @@ def export_judge(judge_dir: Path, out: Path, threshold: float = 0.5) -> tuple[Pa
     module = UnsafeProb(load_judge(Path(judge_dir))).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.rand(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        torch.onnx.export(module, (dummy,), str(out), input_names=["image"], output_names=["unsafe_prob"],
-                          dynamic_axes={"image": {0: "B"}, "unsafe_prob": {0: "B"}}, opset_version=OPSET,
-                          dynamo=False)
-    import onnx
-
-    model = onnx.load(str(out))
-    model.doc_string = "tinyworld judge as an image checker: unsafe_prob = max sigmoid(knife, blood, skull logits)"
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
+    export_onnx(module, SIZE, out, "tinyworld judge as an image checker: unsafe_prob = max sigmoid(knife, blood, skull logits)")
     config = out.with_suffix(".json")
     config.write_text(json.dumps(checker_config(threshold), indent=2) + "\n", encoding="utf-8")
     return out, config
