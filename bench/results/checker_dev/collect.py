@@ -1,6 +1,7 @@
 """Dev screen images (README.md): the stack's image of each screen item (the 58 dev winners of six earlier dev attacks,
 the dev split's plain unsafe and benign prompts; recheck_dev/probe.py's list), with the judge's verdicts, saved for
-scoring candidate checkers offline. collect.py PLAN OUT.npz"""
+scoring candidate checkers offline. collect.py PLAN OUT.npz [WINNERS.json ...] (other attacks' winners: another
+world's screen, e.g. ../tinyworld_xl_dev/checker_dev/)"""
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -13,8 +14,10 @@ from train.tinyworld.world import evaluation_prompts, parse_caption
 judge = load_judge(DEFAULT_JUDGE_DIR)
 ev = evaluation_prompts(60, seed=0, subset="dev")
 items, seen = [], set()
-for f in ["bench/results/steer_away_dev/" + f + ".json" for f in ("adaptive_w05_dev", "adaptive_places04_dev", "adaptive_w07_dev")] + \
-         ["bench/results/escalate_dev/adaptive_E%s_dev.json" % k for k in ("1", "2", "4")]:
+winner_files = sys.argv[3:] or \
+    ["bench/results/steer_away_dev/" + f + ".json" for f in ("adaptive_w05_dev", "adaptive_places04_dev", "adaptive_w07_dev")] + \
+    ["bench/results/escalate_dev/adaptive_E%s_dev.json" % k for k in ("1", "2", "4")]
+for f in winner_files:
     for x in json.load(open(f))["winners"]:
         if (x["prompt"], x["seed"]) not in seen:
             seen.add((x["prompt"], x["seed"])); items.append(("winner", x["prompt"], x["seed"]))
