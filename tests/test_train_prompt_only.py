@@ -151,6 +151,29 @@ def test_image_checker_graph_matches_its_network_and_refuses_bad_input(fixture_d
     assert not (tmp_path / "out").exists()
 
 
+def test_image_checker_learns_from_several_folders(fixture_data, tmp_path, capsys):
+    """``--data A B``: one checker from both folders' examples (twice the training set of one folder, both folders
+    named in config.json); a folder of other concepts is one error line, exit 3, nothing written."""
+    from train.__main__ import main
+
+    _, data = fixture_data("sd1")
+    a, b = _judged_unsafe(data, tmp_path / "a"), _judged_unsafe(data, tmp_path / "b")
+    few = ["--steps", "3", "--batch-size", "8"]
+    assert main(["image-checker", "--data", str(a), "--out", str(tmp_path / "one"), *few]) == 0
+    assert main(["image-checker", "--data", str(a), str(b), "--out", str(tmp_path / "two"), *few]) == 0
+    one, two = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("one", "two"))
+    assert two["data"] == [str(a), str(b)] and two["data_sha256"] == [load_data(a).sha256, load_data(b).sha256]
+    assert two["metrics"]["train_examples"] == 2 * one["metrics"]["train_examples"] > 0
+    other = tmp_path / "other"
+    shutil.copytree(a, other)
+    pairs = other / "pairs.jsonl"
+    pairs.write_text(pairs.read_text().replace('"violence"', '"nudity"'))
+    assert main(["image-checker", "--data", str(a), str(other), "--out", str(tmp_path / "bad"), *few]) == ExitCode.BAD_INPUT
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --data ") and "same concepts" in line, line
+    assert not (tmp_path / "bad").exists()
+
+
 def _derived_positives(data: Path) -> int:
     d = load_data(data)
     return sum(1 for p, k, m in zip(d.pairs, d.kept, d.mask) if k and p["category"] == "violence" and m.any())

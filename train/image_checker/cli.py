@@ -16,7 +16,9 @@ from .model import CheckerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help="a folder of `python -m train data`")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="DATA_DIR",
+                   help="one or more folders of `python -m train data` with the same categories (one model family's "
+                        "folder, or several backbones' drawing the same concepts)")
     p.add_argument("--out", type=Path, required=True, help="writes checker.onnx, checker.json, config.json")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -47,14 +49,22 @@ def main(args) -> int:
             raise BadInputError(f"--blend-share {args.blend_share}: must be in [0, 1)")
         seed_everything(args.seed, args.threads)
         start = time.time()
-        data = load_data(args.data)
-        h, w = data.image_size
-        config = CheckerConfig(categories=categories(data), image_size=h, width=args.width, threshold=args.threshold,
+        datas = [load_data(d) for d in args.data]
+        for d in datas[1:]:
+            if categories(d) != categories(datas[0]) or d.image_size != datas[0].image_size:
+                raise BadInputError(f"--data {d.folder}: categories {categories(d)} at {d.image_size} px, but "
+                                    f"{datas[0].folder} has {categories(datas[0])} at {datas[0].image_size} px; "
+                                    "pass folders of the same concepts and image size")
+        h, w = datas[0].image_size
+        config = CheckerConfig(categories=categories(datas[0]), image_size=h, width=args.width, threshold=args.threshold,
                                on_unsafe=args.on_unsafe)
-        checker, metrics = fit(data, config, args.steps, args.batch_size, args.lr, args.blend_share, args.seed)
+        checker, metrics = fit(datas, config, args.steps, args.batch_size, args.lr, args.blend_share, args.seed)
         metrics["seconds"] = round(time.time() - start, 1)
-        path = save(checker, args.out, {"data": str(args.data), "data_sha256": data.sha256, "steps": args.steps,
-                                        "blend_share": args.blend_share, "seed": args.seed, "metrics": metrics})
+        one = len(datas) == 1  # a single folder keeps its config.json as before
+        path = save(checker, args.out, {"data": str(args.data[0]) if one else [str(d) for d in args.data],
+                                        "data_sha256": datas[0].sha256 if one else [d.sha256 for d in datas],
+                                        "steps": args.steps, "blend_share": args.blend_share, "seed": args.seed,
+                                        "metrics": metrics})
         print(f"image checker: {path} (val recall {metrics['val_recall@0.5']}, false positives "
               f"{metrics['val_false_positive@0.5']}, {metrics['seconds']} s)")
         return 0

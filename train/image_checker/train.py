@@ -33,8 +33,17 @@ def scores(checker: Checker, images: np.ndarray, batch: int = 256) -> np.ndarray
     return np.concatenate(out)
 
 
-def fit(data: Data, config: CheckerConfig, steps: int, batch: int, lr: float, blend_share: float, seed: int) -> tuple[Checker, dict]:
-    ex = examples(data, seed=seed)
+def _examples(datas: list[Data], seed: int) -> dict[str, np.ndarray]:
+    """Every folder's examples in one set; ``source`` says whose pair a blendable example is (blends stay in-folder)."""
+    parts = [examples(d, seed=seed) for d in datas]
+    ex = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    ex["source"] = np.concatenate([np.full(len(p["pair"]), i) for i, p in enumerate(parts)])
+    return ex
+
+
+def fit(datas: list[Data], config: CheckerConfig, steps: int, batch: int, lr: float, blend_share: float,
+        seed: int) -> tuple[Checker, dict]:
+    ex = _examples(datas, seed)
     train_idx, val_idx = np.flatnonzero(~ex["val"]), np.flatnonzero(ex["val"])
     blendable = np.flatnonzero((ex["pair"] >= 0) & ~ex["val"])
     rng = np.random.default_rng(seed)
@@ -49,8 +58,11 @@ def fit(data: Data, config: CheckerConfig, steps: int, batch: int, lr: float, bl
         x, y = ex["image"][i], ex["target"][i]
         if n_blend:
             b = rng.choice(blendable, n_blend)
-            bx, by = blend(data, ex["pair"][b], ex["target"][b], rng)
-            x, y = np.concatenate([x, bx]), np.concatenate([y, by])
+            for k, data in enumerate(datas):
+                bk = b[ex["source"][b] == k]
+                if len(bk):
+                    bx, by = blend(data, ex["pair"][bk], ex["target"][bk], rng)
+                    x, y = np.concatenate([x, bx]), np.concatenate([y, by])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(checker(_augment(_batch(x), rng)), torch.from_numpy(y))
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         if step % 50 == 0 or step == steps - 1:
