@@ -157,11 +157,16 @@ engines/tinyworld_xl_%.plan: $(XL_UNET) $(XL_GUARDS)/%/model.safetensors $(XL_GU
 	$(PY) -m export build --model models/tinyworld-xl --guards $* --guard-dir models/guards --out $@
 
 # SafePatch leaves a redirected prompt to SafeRedir here (bench/results/stack_yield_dev/README.md); SafeRedir steers
-# and escalates as in the SD1 stack (chosen on dev: bench/results/tinyworld_xl_dev/steer_dev/README.md)
+# and escalates as in the SD1 stack (chosen on dev: bench/results/tinyworld_xl_dev/steer_dev/README.md); SD1's learned
+# image checker resamples at 0.05 (it read tinyworld-xl's dev winners better than one learned from tinyworld-xl's own
+# folder: bench/results/tinyworld_xl_dev/checker_dev/README.md)
+XL_CHECKER := $(STACK_CHECKER)
+XL_CHECKER_CONFIG := models/checkers/tinyworld/checker_xl.json
 engines/tinyworld_xl_safe.plan: $(XL_UNET) $(foreach g,$(GUARDED),$(XL_GUARDS)/$(g)/model.safetensors \
-                                $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) $(GUARD_CODE) | $(STAMP)
+                                $(XL_GUARDS)/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
+                                $(XL_CHECKER) $(XL_CHECKER_CONFIG) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld-xl --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-dir models/guards $(STACK_SETTINGS) --out $@
+	  --guard-dir models/guards $(STACK_SETTINGS) --checker $(XL_CHECKER) --checker-config $(XL_CHECKER_CONFIG) --out $@
 
 xl-bundles: engines/tinyworld_xl.plan $(foreach g,$(GUARDED),engines/tinyworld_xl_$(g).plan) engines/tinyworld_xl_safe.plan  ## every tinyworld-xl bundle
 
