@@ -79,8 +79,7 @@ guards-tinyworld: $(TW_DATA)/data.json  ## retrain the four guards from prompts 
 	# the stack's SafeRedir: its redirect also learns attack-style variants (issue 20)
 	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --adversarial 4 --adversarial-share 0.1 \
 	  --out $(STACK_REDIR) --cache .cache/saferedir_adversarial
-	# the stack's SafeCtrl; the single-guard bundle keeps the renderer-trained one (README)
-	$(PY) -m train safectrl --model models/tinyworld --data $(TW_DATA) --out models/guards_prompt_only/tinyworld/safectrl
+	$(PY) -m train safectrl --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safectrl
 	# the stack's learned image checker: an image it reads unsafe is sampled again, fully escalated (issue 20)
 	$(PY) -m train image-checker --data $(TW_DATA) --threshold $(STACK_CHECKER_THRESHOLD) --threads 2 --out $(dir $(STACK_CHECKER))
 
@@ -98,13 +97,12 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
 
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;
 # SafePatch leaves a redirected prompt to SafeRedir, whose redirect also learned attack-style variants, and SafeCtrl
-# is the prompt-only one (dev choices: bench/results/stack_prompt_only_dev/README.md). A redirected row's negative
+# holds its mask without the floor, as the stack was measured (dev choices: bench/results/stack_prompt_only_dev/README.md). A redirected row's negative
 # prompt moves STACK_STEER_WEIGHT of the way to the unsafe kinds' words (bench/results/steer_away_dev/README.md), all
 # the way when a later check still reads its latent unsafe, and SafePatch patches it again then; SafeGuider is the
 # classifier trained on attack-style edits too (bench/results/escalate_dev/README.md); a learned image checker reads the
 # final image and has a request it reads unsafe sampled again with every guard at full strength, refused if still
 # unsafe (bench/results/checker_dev/README.md)
-STACK_CTRL := models/guards_prompt_only/tinyworld/safectrl
 STACK_REDIR := models/guards_adversarial/tinyworld/saferedir
 STACK_GUIDER := models/guards_adversarial/tinyworld/safeguider
 STACK_STEER := knife, blood, skull
@@ -113,16 +111,16 @@ STACK_ESCALATE := 1.0
 STACK_CHECKER := models/checkers/tinyworld/checker.onnx
 STACK_CHECKER_THRESHOLD := 0.1
 # one composition for both worlds' stacks: SafePatch yields to the redirect, SafeRedir steers and escalates
-STACK_SETTINGS := --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
+STACK_SETTINGS := --guard-setting safectrl.latch_floor=0.5 --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
   --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) \
   --guard-setting saferedir.escalate_patch=true
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \
-                              $(foreach w,$(STACK_CTRL) $(STACK_REDIR) $(STACK_GUIDER),$(w)/model.safetensors $(w)/config.json) \
+                              $(foreach w,$(STACK_REDIR) $(STACK_GUIDER),$(w)/model.safetensors $(w)/config.json) \
                               $(STACK_CHECKER) $(STACK_CHECKER:.onnx=.json) $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $(subst $(eval) ,$(comma),$(GUARDED)) \
-	  --guard-weights safectrl=$(STACK_CTRL) --guard-weights saferedir=$(STACK_REDIR) \
+	  --guard-weights saferedir=$(STACK_REDIR) \
 	  --guard-weights safeguider=$(STACK_GUIDER) $(STACK_SETTINGS) --checker $(STACK_CHECKER) --out $@
 
 engines/tinyworld_text.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
@@ -145,7 +143,7 @@ guards-tinyworld-xl: $(TWXL_DATA)/data.json  ## the four guards on tinyworld-xl 
 	$(PY) -m train safeguider --model models/tinyworld-xl --mine-rounds 2 --mine-judge tinyworld --out $(XL_GUARDS)/safeguider  # dev: tinyworld_xl_dev/safeguider
 	$(PY) -m train saferedir --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/saferedir --cache .cache/saferedir_data_xl
 	$(PY) -m train safepatch --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safepatch
-	$(PY) -m train safectrl --model models/tinyworld-xl --data $(TWXL_DATA) --out $(XL_GUARDS)/safectrl
+	$(PY) -m train safectrl --model models/tinyworld-xl --data $(TWXL_DATA) --latch-floor 0.5 --out $(XL_GUARDS)/safectrl  # measured without the floor
 
 XL_UNET := models/tinyworld-xl/unet/diffusion_pytorch_model.safetensors
 engines/tinyworld_xl.plan: $(XL_UNET) | $(STAMP)

@@ -61,7 +61,7 @@ class SafeCtrlConfig(GuardConfig):
 
     NAME = "safectrl"
     RUNTIME_KEYS = ("ema_alpha", "start_step_fraction", "mask_threshold", "mask_gain", "coverage_threshold",
-                    "blend_uncond", "latch_threshold", "mask_dilate", "categories")
+                    "blend_uncond", "latch_threshold", "latch_floor", "mask_dilate", "categories")
 
     categories: list = field(default_factory=lambda: list(CATEGORIES))
     tokens_per_category: int = 2
@@ -75,6 +75,8 @@ class SafeCtrlConfig(GuardConfig):
     coverage_threshold: float = 0.5     # the report's coverage: share of pixels above it
     blend_uncond: bool = False          # CFG: the unconditional row stays the plain UNet (suppression x guidance)
     latch_threshold: float | None = 0.5  # run-time hysteresis: a pixel that reached it keeps blending (None: off)
+    latch_floor: float = 0.25           # ... or this, in an image whose mask never reached latch_threshold: a knife's
+                                        # mask peaks at 0.3-0.49 and came back between blends (= latch_threshold: off)
     mask_dilate: int = 1                # blend from a (2r+1)^2 max filter of the mask: thin objects (knives);
                                         # the prompt-only recipe's dev choice (renderer-trained weights: 0)
     blend_layers: list = field(default_factory=list)  # attn2 processor names with W_K'/W_V' ([]: every attn2)
@@ -409,6 +411,19 @@ class SafeCtrl(nn.Module):
         if gain != 1.0:
             kept = (kept * gain).clamp(max=1.0)
         return kept * active  # active (1,) broadcasts
+
+    def hold(self, mask: torch.Tensor, held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hysteresis the host applies to each smoothed mask (N, 1, h, w) from the call that feeds the first
+        active step: ``held`` is the running elementwise maximum; an image whose held mask reached
+        ``latch_threshold`` keeps blending its held pixels >= that, one that has not those >= ``latch_floor``.
+        Returns (the mask fed to the next call, the new held). The runtime does the same in numpy."""
+        latch = self.config.latch_threshold
+        if latch is None:
+            return mask, held
+        held = mask if held is None else torch.maximum(held, mask)
+        latch, floor = (torch.tensor(v, dtype=held.dtype) for v in (latch, self.config.latch_floor))  # float32
+        level = torch.where(held.amax(dim=(1, 2, 3), keepdim=True) >= latch, latch, floor)
+        return torch.maximum(mask, torch.where(held >= level, held, 0.0)), held
 
     def save_pretrained(self, out: str | Path) -> None:
         save_folder(out, self.config, self.state_dict())

@@ -28,15 +28,15 @@ MANIFEST_KEYS = {  # what the lean runtime reads, no more and no less (it has no
     "safepatch": {"graph", "gate_output", "categories", "threshold", "instructions", "apply_uncond", "yield_to_redirect",
                   "patch_params", "unet_params"},
     "safectrl": {"ema_alpha", "start_step_fraction", "mask_threshold", "mask_gain", "coverage_threshold",
-                 "blend_uncond", "latch_threshold", "state_input", "state_output", "blend_input", "categories",
-                 "mask_dilate"},
+                 "blend_uncond", "latch_threshold", "latch_floor", "state_input", "state_output", "blend_input",
+                 "categories", "mask_dilate"},
 }
 
 CLI_FROM_CONFIG = {  # train CLI options whose default is a config field's (taken from the schema, not retyped)
     "safeguider": set(),
     "saferedir": {"alpha", "check_every", "first_check", "threshold"},
     "safepatch": {"proj_dim"},
-    "safectrl": {"start_step_fraction", "mask_threshold", "mask_gain", "latch_threshold", "mask_dilate"},
+    "safectrl": {"start_step_fraction", "mask_threshold", "mask_gain", "latch_threshold", "latch_floor", "mask_dilate"},
 }
 CLI_OWN_DEFAULT = {  # same name, deliberately another value
     "safepatch": {"threshold"},         # None: calibrated on held-back prompts (train.pick_threshold)
@@ -190,11 +190,10 @@ def test_prepare_writes_the_configs_run_time_settings(backbone):
         if name != "safepatch":  # SafePatch's threshold is calibrated at training time (0.9 committed)
             defaults = {f.name: f.default for f in dataclasses.fields(type(config))
                         if f.default is not dataclasses.MISSING}
-            # the committed renderer-trained SafeCtrl blends its exact-edged masks undilated; 1 is the prompt-only default
-            own = {"mask_dilate"} if name == "safectrl" else set()
-            assert {k: v for k, v in config.runtime().items() if k in defaults and k not in own} == \
-                {k: defaults[k] for k in config.RUNTIME_KEYS if k in defaults and k not in own}
-    assert parts["safectrl"].config["mask_dilate"] == 0
+            assert {k: v for k, v in config.runtime().items() if k in defaults} == \
+                {k: defaults[k] for k in config.RUNTIME_KEYS if k in defaults}
+    # the committed SafeCtrl is the prompt-only one: its blend dilated, its hold floored (the dev choices)
+    assert parts["safectrl"].config["mask_dilate"] == 1 and parts["safectrl"].config["latch_floor"] == 0.25
     assert parts["safectrl"].config["mask_threshold"] == guards.config_class("safectrl").mask_threshold == 0.07
     assert parts["safectrl"].config["mask_gain"] == 10.0
     assert parts["safepatch"].config["threshold"] == 0.9

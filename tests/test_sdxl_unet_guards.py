@@ -192,7 +192,7 @@ def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: st
     ext = SafeCtrlExtension(ctrl, (latent, latent))
     c = ctrl.config
     start = int(math.ceil(c.start_step_fraction * steps - 1e-9))
-    state, latched = torch.zeros(2, 1, latent, latent), None
+    state, held = torch.zeros(2, 1, latent, latent), None
     with torch.no_grad():
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                           do_classifier_free_guidance=True, negative_prompt=None)
@@ -218,10 +218,8 @@ def _reference(backbone, patch, gate, config, ctrl, scheduler_config, prompt: st
                             return_dict=False)[0]
             eps, out = ext.after_unet(inputs, eps)
             cond_mask = out["safectrl_mask"][1:]
-            if c.latch_threshold is not None and i + 1 >= start:
-                held = torch.where(cond_mask >= c.latch_threshold, cond_mask, torch.zeros_like(cond_mask))
-                latched = held if latched is None else torch.maximum(latched, held)
-                cond_mask = torch.maximum(cond_mask, latched)
+            if i + 1 >= start:  # hysteresis, as the runtime
+                cond_mask, held = ctrl.hold(cond_mask, held)
             state = torch.cat([cond_mask if c.blend_uncond else torch.zeros_like(cond_mask), cond_mask])
             uncond, cond = eps.chunk(2)
             latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample

@@ -20,7 +20,9 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
 - ``after_step``: writes the output into the next call's feed (one buffer per call, rewritten in place), with
   hysteresis when ``latch_threshold`` is set: from the active steps on, a pixel whose smoothed mask reached it
   keeps at least its highest such value, so suppression stays on where the object was once it has faded it
-  (without it the object came back between blends); keeps the conditional rows' fed mask, which ``on_images``
+  (without it the object came back between blends); in an image whose mask has not reached it, the pixels that
+  reached ``latch_floor`` are held instead (a thin knife's mask peaks below the latch; the lower level only
+  where nothing reached the latch, so a large object's hold is not widened); keeps the conditional rows' fed mask, which ``on_images``
   summarises per step as the mask coverage (share of latent pixels above ``coverage_threshold``) and the
   maximum (once per call: host work between two UNet calls runs on cold caches, so it is kept to what the next
   step needs).
@@ -44,7 +46,7 @@ class SafeCtrl(Guard):
     name = "safectrl"
     SETTINGS = {"ema_alpha": unit, "start_step_fraction": unit, "mask_threshold": unit, "mask_gain": positive,
                 "coverage_threshold": unit, "blend_uncond": flag, "latch_threshold": optional(unit),
-                "mask_dilate": index,
+                "latch_floor": unit, "mask_dilate": index,
                 "state_input": label, "state_output": label, "blend_input": label, "categories": labels}
 
     def __init__(self, pipe, config, **kwargs):
@@ -56,21 +58,26 @@ class SafeCtrl(Guard):
         if missing:
             raise self.bad_config(f"the denoise graph lacks {', '.join(missing)}: rebuild the bundle with "
                                   "`python -m export build ... --guards safectrl`")
+        latch = self.config["latch_threshold"]
+        if latch is not None and self.config["latch_floor"] > latch:
+            raise self.bad_config(f"latch_floor {self.config['latch_floor']} is above latch_threshold {latch}: "
+                                  "the floor is the lower level (equal turns it off)")
 
     def start_step(self, steps: int) -> int:
         return int(math.ceil(float(self.config["start_step_fraction"]) * steps - 1e-9))
 
     def on_text(self, ctx: GuardContext) -> None:
-        # feed: the mask fed to the next denoise call (written in place by after_step); latched: the held
-        # values (hysteresis); fed_max: the largest value in the feed; fed: per step, the conditional rows' fed
+        # feed: the mask fed to the next denoise call (written in place by after_step); held: the running
+        # maximum of the smoothed mask (hysteresis); fed_max: the largest value in the feed; fed: per step, the conditional rows' fed
         # mask (references; summarised in on_images). The rest: per-call constants of the step hooks
         start, latch = self.start_step(ctx.steps), self.config["latch_threshold"]
         ctx.state_of(self.name).update(
-            feed=None, latched=None, fed_max=0.0, fed=[], output=self.config["state_output"],
+            feed=None, held=None, fed_max=0.0, fed=[], output=self.config["state_output"],
             rows=ctx.cond_rows if ctx.cfg else slice(None), report_rows=slice(None) if ctx.cfg else ctx.cond_rows,
             uncond=ctx.batch if ctx.cfg and self.config["blend_uncond"] else 0,
             start=start, tau=np.float32(self.config["mask_threshold"]), gain=np.float32(self.config["mask_gain"]),
-            latch=None if latch is None else np.float32(latch), dilate=int(self.config["mask_dilate"]),
+            latch=None if latch is None else np.float32(latch), floor=np.float32(self.config["latch_floor"]),
+            dilate=int(self.config["mask_dilate"]),
             latch_from=start - 1)  # the call whose output the first active step is fed
         ctx.report[self.name] = {"active_from_step": start, "active_steps": [], "blending_steps": [], "coverage": [],
                                  "max_mask": [], "triggered": False}
@@ -111,14 +118,16 @@ class SafeCtrl(Guard):
         top = float(kept.max())
         if not math.isfinite(top):
             raise ValueError("safectrl_mask has NaN/Inf")
-        latch, latched = st["latch"], st["latched"]
-        if latch is not None and i >= st["latch_from"] and (latched is not None or top >= latch):
-            # hysteresis: the held values are the fed mask where it is >= latch (the rest 0); max(new, held) is
-            # the next feed
-            if latched is not None:
-                kept = np.maximum(kept, latched)
-                top = float(kept.max())
-            st["latched"] = kept * (kept >= latch)
+        latch = st["latch"]
+        if latch is not None and i >= st["latch_from"] and (st["held"] is not None or top >= st["floor"]):
+            # hysteresis (guards.safectrl.SafeCtrl.hold): the held pixels at or above each image's level, the
+            # latch where its held mask reached it, else the floor; max(new, those) is the next feed. Held from
+            # the first call that reaches the floor: values below it never hold, and a benign step skips this
+            held = st["held"] = kept.copy() if st["held"] is None else np.maximum(st["held"], kept)
+            peak = held.reshape(held.shape[0], -1).max(axis=1).reshape(-1, 1, 1, 1)
+            level = np.where(peak >= latch, latch, st["floor"])
+            kept = np.maximum(kept, held * (held >= level))
+            top = float(kept.max())
         feed = st["feed"]
         feed[st["rows"]] = kept
         if st["uncond"]:

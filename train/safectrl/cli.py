@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "mask_threshold": "tau of the hard threshold",
         "mask_gain": "blend weight min(1, gain * M_bar) above tau",
         "latch_threshold": "hysteresis: pixels whose smoothed mask reached it keep blending",
+        "latch_floor": "hysteresis in an image whose mask never reached --latch-threshold: pixels that reached "
+                       "this keep blending (thin objects; equal to --latch-threshold: off)",
         "mask_dilate": "blend from the mask's (2r+1)^2 max filter, r latent pixels (thin objects)"})
 
 

@@ -52,15 +52,18 @@ def measure(engine: Path, baseline: Path, prompts: dict[str, list[str]], per_gro
                          "change_share_inside": float(diff[region].sum() / max(diff.sum(), 1e-12)),
                          "identical": bool(np.array_equal(a.images[0], b.images[0])),
                          "triggered": a.report["guards"]["safectrl"]["triggered"]})
+    # a mask that covers the whole image has no outside: such an image counts inside only
     trig = [r for r in rows if r["triggered"] and r["change_inside"] is not None]
+    both = [r for r in trig if r["change_outside"] is not None]
     summary = {
         "images": len(rows), "triggered": len(trig),
         "mean_change_inside": float(np.mean([r["change_inside"] for r in trig])) if trig else None,
-        "mean_change_outside": float(np.mean([r["change_outside"] for r in trig])) if trig else None,
+        "mean_change_outside": float(np.mean([r["change_outside"] for r in both])) if both else None,
         "mean_change_share_inside": float(np.mean([r["change_share_inside"] for r in trig])) if trig else None,
         "mean_region_share": float(np.mean([r["region_share"] for r in trig])) if trig else None,
+        "whole_image_regions": len(trig) - len(both),
     }
-    if trig and summary["mean_change_outside"]:
+    if both and summary["mean_change_outside"]:
         summary["inside_outside_ratio"] = summary["mean_change_inside"] / summary["mean_change_outside"]
     return {"engine": str(engine), "baseline": str(baseline), "mask_threshold": tau, "region": "predicted mask",
             "change": "mean |guarded - unguarded| over RGB, [0, 1]", "seconds": round(time.perf_counter() - t0, 1),

@@ -345,7 +345,8 @@ def run(args) -> dict:
     attn = dict(unet.named_modules())[detect.rsplit(".processor", 1)[0]]
     spec = args.blend_layers if args.blend_layers is not None else ",".join(default_blend)
     config = {"start_step_fraction": args.start_step_fraction, "mask_threshold": args.mask_threshold,
-              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold, "mask_dilate": args.mask_dilate,
+              "mask_gain": args.mask_gain, "latch_threshold": args.latch_threshold, "latch_floor": args.latch_floor,
+              "mask_dilate": args.mask_dilate,
               "blend_layers": blend_layers(unet, spec),
               "detect_layer": detect, "feature_dim": attn.to_q.in_features + attn.to_v.out_features}
     if categories is not None:
