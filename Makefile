@@ -97,9 +97,9 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
 
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;
 # SafePatch leaves a redirected prompt to SafeRedir, whose redirect also learned attack-style variants, and SafeCtrl
-# holds its mask without the floor, as the stack was measured (dev choices: bench/results/stack_prompt_only_dev/README.md). A redirected row's negative
-# prompt moves STACK_STEER_WEIGHT of the way to the unsafe kinds' words (bench/results/steer_away_dev/README.md), all
-# the way when a later check still reads its latent unsafe, and SafePatch patches it again then; SafeGuider is the
+# holds its mask without the floor, as the stack was measured (dev choices: bench/results/stack_prompt_only_dev/README.md).
+# A redirected row's negative prompt moves STACK_STEER_WEIGHT of the way to the unsafe kinds' words
+# (bench/results/steer_away_dev/README.md), all the way when a later check still reads its latent unsafe, and SafePatch patches it again then; SafeGuider is the
 # classifier trained on attack-style edits too (bench/results/escalate_dev/README.md); a learned image checker reads the
 # final image and has a request it reads unsafe sampled again with every guard at full strength, refused if still
 # unsafe (bench/results/checker_dev/README.md)
@@ -111,9 +111,9 @@ STACK_ESCALATE := 1.0
 STACK_CHECKER := models/checkers/tinyworld/checker.onnx
 STACK_CHECKER_THRESHOLD := 0.1
 # one composition for both worlds' stacks: SafePatch yields to the redirect, SafeRedir steers and escalates
-STACK_SETTINGS := --guard-setting safectrl.latch_floor=0.5 --guard-setting safepatch.yield_to_redirect=true --guard-setting 'saferedir.steer_away=$(STACK_STEER)' \
-  --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) \
-  --guard-setting saferedir.escalate_patch=true
+STACK_SETTINGS := --guard-setting safectrl.latch_floor=0.5 --guard-setting safepatch.yield_to_redirect=true \
+  --guard-setting 'saferedir.steer_away=$(STACK_STEER)' --guard-setting saferedir.steer_weight=$(STACK_STEER_WEIGHT) \
+  --guard-setting saferedir.steer_escalate=$(STACK_ESCALATE) --guard-setting saferedir.escalate_patch=true
 engines/tinyworld_stack.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors \
                               $(foreach g,$(GUARDED),models/guards/tinyworld/$(g)/model.safetensors \
                               models/guards/tinyworld/$(g)/config.json guards/$(g).py export/guards/$(g).py) \

@@ -22,8 +22,8 @@ The Unsafe Attention Block and the Safety Guidance Block are fused into the deno
   keeps at least its highest such value, so suppression stays on where the object was once it has faded it
   (without it the object came back between blends); in an image whose mask has not reached it, the pixels that
   reached ``latch_floor`` are held instead (a thin knife's mask peaks below the latch; the lower level only
-  where nothing reached the latch, so a large object's hold is not widened); keeps the conditional rows' fed mask, which ``on_images``
-  summarises per step as the mask coverage (share of latent pixels above ``coverage_threshold``) and the
+  where nothing reached the latch, so a large object's hold is not widened); keeps the conditional rows' fed
+  mask, which ``on_images`` summarises per step as the mask coverage (share of latent pixels above ``coverage_threshold``) and the
   maximum (once per call: host work between two UNet calls runs on cold caches, so it is kept to what the next
   step needs).
 
@@ -68,8 +68,9 @@ class SafeCtrl(Guard):
 
     def on_text(self, ctx: GuardContext) -> None:
         # feed: the mask fed to the next denoise call (written in place by after_step); held: the running
-        # maximum of the smoothed mask (hysteresis); fed_max: the largest value in the feed; fed: per step, the conditional rows' fed
-        # mask (references; summarised in on_images). The rest: per-call constants of the step hooks
+        # maximum of the smoothed mask (hysteresis); fed_max: the largest value in the feed; fed: per step, the
+        # conditional rows' fed mask (references; summarised in on_images). The rest: per-call constants of the
+        # step hooks
         start, latch = self.start_step(ctx.steps), self.config["latch_threshold"]
         ctx.state_of(self.name).update(
             feed=None, held=None, fed_max=0.0, fed=[], output=self.config["state_output"],
