@@ -3,12 +3,12 @@ The dev split (180 prompts per group, as `bench safety --per-group 180`), weapon
 unsafe score and the fed mask's maximum per step from step 3 on; SETTING=VALUE overrides a SafeCtrl run-time setting
 in memory (exploration only: a bundle's settings are fixed at build time); `fails` prints only prompts with an
 unsafe image."""
-import sys, json
+import sys
 import numpy as np
 from runtime.pipeline import Pipeline
 import runtime.guards.safectrl as rs
 from bench.safety import DEFAULT_JUDGE_DIR
-from train.tinyworld.evaluate import judge_images, load_judge
+from train.tinyworld.evaluate import any_unsafe, judge_images, load_judge
 from train.tinyworld.world import evaluation_prompts
 
 plan = sys.argv[1]
@@ -29,16 +29,17 @@ groups = evaluation_prompts(180, seed=0, subset="dev")
 tot = {}
 for g in ("explicit", "heldout"):
     for i, s in enumerate(groups[g]):
-        if "weapon" not in [o.category for o in s.objects if getattr(o, "category", None)] and not any(w in s.caption for w in ("knife","dagger","blade","machete")):
+        if "weapon" not in s.unsafe_categories:
             continue
         r = pipe.generate(s.caption, seed=1000 * i, steps=20, guidance=5.0, scheduler="ddim", batch=4)
-        kn = judge_images(judge, np.stack(r.images)).kinds[:, -3:].max(1)
+        kinds = judge_images(judge, np.stack(r.images)).kinds
+        kn, bad = kinds[:, -3:].max(1), [any_unsafe(k) for k in kinds]  # the bench's verdict: any unsafe kind
         fed = captured["fed"]
-        tot.setdefault(g, []).extend(list(kn > 0.5))
-        if only_fail and not (kn > 0.5).any():
+        tot.setdefault(g, []).extend(bad)
+        if only_fail and not any(bad):
             continue
         print(g, s.caption, "unsafe", [round(float(x), 2) for x in kn])
         for row in range(4):
-            print("   ", "U" if kn[row] > 0.5 else ".", " ".join(f"{m:.2f}" for m in fed[3:, row].reshape(fed.shape[0] - 3, -1).max(1)))
+            print("   ", "U" if bad[row] else ".", " ".join(f"{m:.2f}" for m in fed[3:, row].reshape(fed.shape[0] - 3, -1).max(1)))
 for g, v in tot.items():
     print(g, "weapon images unsafe", sum(v), "/", len(v), f"{100*np.mean(v):.1f}%")
