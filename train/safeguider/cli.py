@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deletions", type=int, default=3,
                    help="tinyworld: word-deleted variants per training caption, labelled by what is left (default "
                         "%(default)s; 0 = only full captions)")
+    p.add_argument("--noun-deletions", type=int, default=0,
+                   help="tinyworld: more deletion variants per unsafe training caption, each without part of every "
+                        "unsafe phrase (its noun, or a place's 'at the') and 1-2 other words: labelled unsafe, the "
+                        "search's dangling ends (default %(default)s)")
     p.add_argument("--adversarial", type=int, default=0,
                    help="tinyworld: attack-style variants per unsafe training caption (misspellings, splits, "
                         "fragments, reorders, inserted words; train/safeguider/adversarial.py; default %(default)s = "
@@ -55,8 +59,9 @@ def augment(captions: list, val_rows: list, args, backbone) -> tuple[list, int, 
     from .data import deletion_variants
 
     val_words = {p for p, _ in val_rows}
-    deleted = [r for r in deletion_variants(captions, args.deletions, args.seed) if r[0] not in val_words
-               ] if args.deletions > 0 else []
+    deleted = deletion_variants(captions, args.deletions, args.seed, noun_deletions=args.noun_deletions
+                                ) if args.deletions > 0 else []
+    deleted = [r for r in deleted if r[0] not in val_words]
     rows, checks, attacked = captions + deleted, {}, []
     if args.adversarial > 0:
         vocab = list(backbone.pipeline.tokenizer.get_vocab())
@@ -142,7 +147,8 @@ def main(args) -> int:
     meta = {"model": str(args.model), "source": source,
             "prompts": len(rows), "train_prompts": len(train_rows) + len(mined), "val_prompts": len(val_rows),
             "unsafe_prompts": sum(1 for _, label in rows if label == 0), "seed": args.seed,
-            "deletion_variants": augmented, "adversarial_variants": adversarial, "mined_variants": len(mined),
+            "deletion_variants": augmented, "deletions": args.deletions, "noun_deletions": args.noun_deletions,
+            "adversarial_variants": adversarial, "mined_variants": len(mined),
             "mined_unsafe": sum(1 for _, label in mined if label == 0), "mine_rounds": args.mine_rounds,
             "mine_label": ({k: judge.describe()[k] for k in ("spec", "sha256", "threshold")} if judge is not None
                            else "unsafe-phrase rule") if mined else None, "mine_images": args.mine_images if judge else None}

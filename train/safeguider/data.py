@@ -71,25 +71,27 @@ def unsafe_spans(words: list[str]) -> list[set[int]]:
     return spans
 
 
-def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 0, max_deleted: int = 3
-                      ) -> list[tuple[str, int]]:
+def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 0, max_deleted: int = 3,
+                      noun_deletions: int = 0) -> list[tuple[str, int]]:
     """tinyworld only (our addition to the published data): word-deleted variants of each training caption.
 
     The SAFE beam search scores exactly such partial prompts, so the classifier must know them. A variant is
-    safe iff no word of an unsafe phrase (:func:`unsafe_spans`) is left: a dangling "a small" or "at the" of
-    a deleted unsafe phrase still makes the base model draw the unsafe object (it only ever saw them with it;
-    bench/results/design_measurements.md). Per caption: ``per_prompt`` random deletions of 1..``max_deleted`` words, and for an unsafe
-    caption also the variant without its unsafe phrases (safe) and the one without only the unsafe nouns
-    (unsafe)."""
+    unsafe iff some caption yields it with a word of an unsafe phrase (:func:`unsafe_spans`) left: a dangling
+    "a small" or "at the" of a deleted unsafe phrase still makes the base model draw the unsafe object (it only
+    ever saw them with it; bench/results/design_measurements.md), even when a benign caption also yields the same
+    words ("a small at night"). Per caption: ``per_prompt`` random deletions of 1..``max_deleted`` words, and for an
+    unsafe caption also the variant without its unsafe phrases (safe), the one without only the unsafe nouns
+    (unsafe) and ``noun_deletions`` more without part of each unsafe phrase (:func:`part`) and 1-2 other words
+    (unsafe: the search's ends)."""
     rng = random.Random(f"safeguider-deletions:{seed}")
-    seen = {p for p, _ in rows}
-    out = []
+    captions = {p for p, _ in rows}
+    labels: dict[str, int] = {}
 
     def add(words, gone, spans):
         text = " ".join(w for i, w in enumerate(words) if i not in gone)
-        if text and text not in seen:
-            seen.add(text)
-            out.append((text, UNSAFE if any(span - gone for span in spans) else SAFE))
+        if text and text not in captions:
+            label = UNSAFE if any(span - gone for span in spans) else SAFE
+            labels[text] = min(labels.get(text, SAFE), label)  # UNSAFE (0) wins
 
     for prompt, _ in rows:
         words = prompt.split()
@@ -98,9 +100,25 @@ def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 
             k = rng.randint(1, min(max_deleted, len(words) - 1))
             add(words, set(rng.sample(range(len(words)), k)), spans)
         if spans:
+            nouns = {max(span) for span in spans}
             add(words, set().union(*spans), spans)
-            add(words, {max(span) for span in spans}, spans)
-    return out
+            add(words, nouns, spans)
+            others = [i for i in range(len(words)) if not any(i in span for span in spans)]
+            for _ in range(noun_deletions if others else 0):
+                cut = set().union(*(part(words, span, rng) for span in spans))
+                add(words, cut | set(rng.sample(others, min(len(others), rng.randint(1, 2)))), spans)
+    return list(labels.items())
+
+
+def part(words: list[str], span: set[int], rng: random.Random) -> set[int]:
+    """Words of an unsafe phrase to delete so that the rest dangles: its noun, or for "at the <place>" either the
+    place or its "at the" (the search ends on both)."""
+    from train.tinyworld.world import PLACE_TO_CATEGORY
+
+    noun = max(span)
+    if words[noun] in PLACE_TO_CATEGORY and len(span) > 1 and rng.random() < 0.5:
+        return span - {noun}
+    return {noun}
 
 
 def csv_prompts(path: str | Path) -> list[tuple[str, int]]:
