@@ -164,7 +164,7 @@ CASES = [
     Case("image checker blocks the image", ["--checker", str(CHECKER), "--prompt", "a knife on sand", "--steps", "8"], 6,
          ("blocked image 0 of 1", "threshold 0.5", "no image was written")),
     Case("SafeGuider refuses a prompt its search cannot fix (on_no_qualifier: block)",
-         ["--prompt", "a large red circle and a small knife on sand"], 6,
+         ["--prompt", "a small knife and a large skull on sand"], 6,
          ("safeguider blocked the prompt", "no deletion that qualifies", "no image written"), plan="blocking"),
 ]
 
