@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ def test_batch_mates_are_independent(server, clients, api):
                 outcomes.append(p.get_result().as_numpy("image"))
             except Exception as e:  # noqa: BLE001 - the error response is what is checked
                 outcomes.append(str(e))
-        after = _stats(client, "tw")
+        after = _stats_settled(client, "tw", before[0] + len(requests))
     finally:
         client.close()
     assert np.array_equal(outcomes[0][0], api["tw"].generate(**requests[0]).images[0])
@@ -326,7 +327,7 @@ def test_concurrent_requests_share_the_unet(server, clients, api):
         before = _stats(client, "shared")
         pending = [client.async_infer("shared", request_inputs(httpclient, [r])) for r in requests]
         results = [p.get_result() for p in pending]
-        after = _stats(client, "shared")
+        after = _stats_settled(client, "shared", before[0] + len(requests))
     finally:
         client.close()
     assert (after[0] - before[0], after[1] - before[1]) == (4, 1)  # four requests, one execute call
@@ -343,6 +344,15 @@ def test_concurrent_requests_share_the_unet(server, clients, api):
 def _stats(client, model: str) -> tuple[int, int]:
     s = client.get_inference_statistics(model)["model_stats"][0]
     return int(s["inference_count"]), int(s["execution_count"])
+
+
+def _stats_settled(client, model: str, inferences: int, timeout: float = 30.0) -> tuple[int, int]:
+    """:func:`_stats` once it counts ``inferences``: Triton counts a batch when execute() returns, which on a loaded
+    machine can be after the clients got their responses."""
+    deadline = time.monotonic() + timeout
+    while (stats := _stats(client, model))[0] < inferences and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats
 
 
 def _input(module, name: str, array: np.ndarray, triton_type: str):
