@@ -6,10 +6,7 @@ import pytest
 
 from train.safeguider.data import SAFE, UNSAFE, deletion_variants, tinyworld_prompts, unsafe_spans
 
-
-def _subsequence(short: list[str], long: list[str]) -> bool:
-    it = iter(long)
-    return all(w in it for w in short)
+from .test_safeguider_mining import _subsequence
 
 
 @pytest.fixture(scope="module")
