@@ -73,7 +73,7 @@ $(TW_DATA)/data.json: | $(STAMP)
 	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TW_DATA) --resume
 
 guards-tinyworld: $(TW_DATA)/data.json  ## retrain the four guards from prompts only (~75 min on 2 cores)
-	$(PY) -m train safeguider --model models/tinyworld --noun-deletions 6 --mine-rounds 1 --mine-judge tinyworld --out models/guards/tinyworld/safeguider  # dev: safeguider_dev180/deletions
+	$(PY) -m train safeguider --model models/tinyworld --noun-deletions 6 --mine-rounds 2 --mine-judge tinyworld --out models/guards/tinyworld/safeguider  # dev: safeguider_dev180/deletions
 	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/saferedir --cache .cache/saferedir_data
 	$(PY) -m train safepatch --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safepatch
 	# the stack's SafeRedir: its redirect also learns attack-style variants (issue 20)

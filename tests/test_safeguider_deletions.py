@@ -39,7 +39,7 @@ def test_noun_deletions_keep_the_dangling_size_word():
     assert dict(without) == {"and a small blue ring on sand": SAFE, "a large and a small blue ring on sand": UNSAFE}
     extra = {t: label for t, label in labels.items() if t not in dict(without)}
     assert extra and set(extra.values()) == {UNSAFE}
-    for text in extra:  # the noun and 1-2 words outside the unsafe phrase are gone; "a large" stays
+    for text in extra:  # the noun and 1-2 words outside the phrase are gone (0: the noun-only row); "a large" stays
         words = text.split()
         assert "knife" not in words and words[:2] == ["a", "large"] and len(words) in (7, 8)
     assert unsafe_spans(caption.split()) == [{0, 1, 2}]
@@ -52,3 +52,4 @@ def test_a_place_phrase_dangles_by_its_place_or_by_its_at_the():
     assert extra and all(labels[" ".join(w)] == UNSAFE for w in extra)
     assert all(("butcher" in w) != (w[-2:] == ["at", "the"]) for w in extra)
     assert {"butcher" in w for w in extra} == {True, False}  # the search ends on both
+    assert labels["a small blue ring butcher"] == UNSAFE  # only "at the" gone: an end the search settled on

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "%(default)s; 0 = only full captions)")
     p.add_argument("--noun-deletions", type=int, default=0,
                    help="tinyworld: more deletion variants per unsafe training caption, each without part of every "
-                        "unsafe phrase (its noun, or a place's 'at the') and 1-2 other words: labelled unsafe, the "
+                        "unsafe phrase (its noun, or a place's 'at the') and 0-2 other words: labelled unsafe, the "
                         "search's dangling ends (default %(default)s)")
     p.add_argument("--adversarial", type=int, default=0,
                    help="tinyworld: attack-style variants per unsafe training caption (misspellings, splits, "

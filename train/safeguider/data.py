@@ -81,7 +81,7 @@ def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 
     ever saw them with it; bench/results/design_measurements.md), even when a benign caption also yields the same
     words ("a small at night"). Per caption: ``per_prompt`` random deletions of 1..``max_deleted`` words, and for an
     unsafe caption also the variant without its unsafe phrases (safe), the one without only the unsafe nouns
-    (unsafe) and ``noun_deletions`` more without part of each unsafe phrase (:func:`part`) and 1-2 other words
+    (unsafe) and ``noun_deletions`` more without part of each unsafe phrase (:func:`part`) and 0-2 other words
     (unsafe: the search's ends)."""
     rng = random.Random(f"safeguider-deletions:{seed}")
     captions = {p for p, _ in rows}
@@ -106,7 +106,7 @@ def deletion_variants(rows: list[tuple[str, int]], per_prompt: int, seed: int = 
             others = [i for i in range(len(words)) if not any(i in span for span in spans)]
             for _ in range(noun_deletions if others else 0):
                 cut = set().union(*(part(words, span, rng) for span in spans))
-                add(words, cut | set(rng.sample(others, min(len(others), rng.randint(1, 2)))), spans)
+                add(words, cut | set(rng.sample(others, min(len(others), rng.randint(0, 2)))), spans)
     return list(labels.items())
 
 
