@@ -93,7 +93,10 @@ GUARDED := safeguider saferedir safepatch safectrl
 GUARD_CODE := guards/config.py guards/storage.py export/idle.py
 engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetensors models/guards/tinyworld/%/model.safetensors \
                           models/guards/tinyworld/%/config.json guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
-	$(PY) -m export build --model models/tinyworld --guards $* --out $@
+	$(PY) -m export build --model models/tinyworld --guards $* $(GUARD_SETTINGS) --out $@
+# fail closed: a prompt whose search finds no qualifying deletion is refused, not generated from the search's best try
+# (dev choice: bench/results/safeguider_dev180/deletions/README.md)
+engines/tinyworld_safeguider.plan: GUARD_SETTINGS := --guard-setting safeguider.on_no_qualifier=block
 
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;
 # SafePatch leaves a redirected prompt to SafeRedir, whose redirect also learned attack-style variants, and SafeCtrl

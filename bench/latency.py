@@ -123,10 +123,18 @@ class Lean:
         self.plan = plan
 
     def run(self, prompt: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+        from runtime.guards import ImageBlocked
+
         t0 = time.perf_counter()
-        result = self.pipe.generate(prompt, steps=settings["steps"], guidance=settings["guidance"], seed=seed,
-                                    scheduler=settings["scheduler"], height=settings["height"],
-                                    width=settings["width"])
+        try:
+            result = self.pipe.generate(prompt, steps=settings["steps"], guidance=settings["guidance"], seed=seed,
+                                        scheduler=settings["scheduler"], height=settings["height"],
+                                        width=settings["width"])
+        except ImageBlocked as e:  # a refusal has no denoise stage to compare: say which prompt, and the way round
+            raise SystemExit(f"error: {Path(self.plan).name} refused the prompt {prompt!r} ({e}); bench latency "
+                             "times generated images: pass --prompts-csv with prompts the bundle generates, or "
+                             "time a build that does not refuse (e.g. --guard-setting "
+                             "safeguider.on_no_qualifier=fallback)") from None
         e2e = (time.perf_counter() - t0) * 1000
         ms = dict(result.report["stages_ms"])
         ms["end_to_end"] = e2e

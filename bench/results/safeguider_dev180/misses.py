@@ -9,7 +9,8 @@ counts, ends = collections.Counter(), {}
 for x in records:
     if x["group"] == "benign" or not x.get("unsafe"):
         continue
-    g = x["guards"]["safeguider"]
+    g = x["guards"]
+    g = (g[0] if isinstance(g, list) else g)["safeguider"]  # a list: one report per batch of the prompt's images
     counts[(x["group"], g["verdict"], g.get("outcome"))] += 1
     ends.setdefault((x["group"], x["prompt"], g.get("final_prompt")), []).append(x["kinds_seen"])
 for k, v in counts.most_common():
