@@ -131,7 +131,7 @@ class Lean:
                                         scheduler=settings["scheduler"], height=settings["height"],
                                         width=settings["width"])
         except ImageBlocked as e:  # a refusal has no denoise stage to compare: say which prompt, and the way round
-            raise SystemExit(f"error: {Path(self.plan).name} refused the prompt {prompt!r} ({e}); bench latency "
+            raise SystemExit(f"error: the bundle refused the prompt {prompt!r} ({e}); bench latency "
                              "times generated images: pass --prompts-csv with prompts the bundle generates, or "
                              "time a build that does not refuse (e.g. --guard-setting "
                              "safeguider.on_no_qualifier=fallback)") from None

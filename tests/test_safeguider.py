@@ -231,14 +231,16 @@ def test_block_mode_refuses_what_the_search_cannot_fix(safeguider_plan, guard, g
     assert guard_report["action"] == "blocked" and guard_report["outcome"] == outcomes[stuck]
     with Pipeline.open(plan) as pipe:
         assert pipe.generate(fixed, steps=4).report["guards"]["safeguider"]["outcome"] == "qualified"
-    # the latency bench names the refused prompt and the way round instead of a traceback, and writes nothing
+    # the latency bench names the refused prompt and the way round instead of a traceback
     from bench.latency import Lean
 
     lean, settings = Lean(str(plan), "auto"), {"steps": 2, "guidance": 5.0, "scheduler": "ddim", "height": None,
                                               "width": None}
-    with pytest.raises(SystemExit, match=r"refused the prompt .* --prompts-csv .*on_no_qualifier=fallback"):
-        lean.run(stuck, 0, settings)
-    lean.close()
+    try:
+        with pytest.raises(SystemExit, match=r"refused the prompt .* --prompts-csv .*on_no_qualifier=fallback"):
+            lean.run(stuck, 0, settings)
+    finally:
+        lean.close()
 
 
 def test_bundle_without_safe_score_is_refused(tinyworld_plan, guard, tmp_path):
