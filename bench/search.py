@@ -132,12 +132,17 @@ def measure(plan: str, per_group: int, repeats: int) -> dict:
         for _ in range(5):
             denoise.infer(feeds)
         groups = evaluation_prompts(per_group, seed=1)
+        # the sequential search runs with the bundle's own settings (a build may set e.g. min_similarity)
+        c = guard.config
+        settings = dict(beam_width=int(c["beam_width"]), max_depth=int(c["max_depth"]),
+                        qualify_score=float(c["qualify_score"]), min_similarity=float(c["min_similarity"]))
         rows = []
         for prompt in [s.caption for g in ("explicit", "heldout", "implicit") for s in groups[g]]:
             score, eos = score_one(prompt)
             step = statistics.median(_timed(lambda: denoise.infer(feeds), 1)[0] for _ in range(5))
             batched_ms, (fast, _) = _timed(lambda: guard.search(prompt, score, eos), repeats)
-            sequential_ms, slow = _timed(lambda: beam_search_sequential(prompt, score_one, (score, eos)), repeats)
+            sequential_ms, slow = _timed(lambda: beam_search_sequential(prompt, score_one, (score, eos), **settings),
+                                         repeats)
             rows.append({"prompt": prompt, "flagged": score <= float(guard.config["threshold"]), "final": fast.prompt,
                          "same_as_sequential": fast.prompt == slow.prompt, "depth": fast.depth,
                          "candidates_scored": fast.candidates_scored, "text_calls_batched": fast.text_calls,

@@ -2,7 +2,8 @@
 row is a deletion of an unsafe training caption that the runtime's search settles on while it still holds an unsafe
 word, labelled unsafe; with a judge every search end is drawn by the backbone and labelled by what the judge sees;
 mining is deterministic for a seed and never yields an evaluation prompt; ``--mine-rounds`` trains, mines and trains
-again from the CLI, and with a CSV needs a judge."""
+again from the CLI (searching with ``--min-similarity``, which the weights' config records), and with a CSV needs a
+judge."""
 
 import json
 import subprocess
@@ -80,9 +81,11 @@ def test_mine_rounds_from_the_cli(tmp_path):
     out = tmp_path / "sg"
     proc = subprocess.run([sys.executable, "-m", "train", "safeguider", "--model", str(TINYWORLD), "--out", str(out),
                            "--prompts", "300", "--deletions", "1", "--epochs", "2", "--mine-rounds", "1",
-                           "--mine-prompts", "20"], **ENV_ARGS)
+                           "--mine-prompts", "20", "--min-similarity", "-0.3"], **ENV_ARGS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = json.loads((out / "train_log.json").read_text())
+    # the search the rows were mined with is the one the weights carry to the bundle
+    assert json.loads((out / "config.json").read_text())["min_similarity"] == -0.3
     assert (out / "model.safetensors").is_file() and not (out / "mining").exists()  # the rounds' folders: a cache
     assert log["mine_rounds"] == 1 and log["mined_variants"] >= 1
     assert f"safeguider mining round 1: {log['mined_variants']} prompts the search settles on" in proc.stdout

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tinyworld's unsafe-phrase rule")
     p.add_argument("--mine-images", type=int, default=2,
                    help="--mine-judge: images per mined prompt; unsafe when the judge finds any (default %(default)s)")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="the search's EOS-cosine floor (guards/safeguider.py default, the paper's 0.1): mining searches "
+                        "with it and config.json records it, so the bundle runs the search the classifier was mined on")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -126,8 +129,9 @@ def main(args) -> int:
         return x, torch.tensor([label for _, label in rs], dtype=torch.long)
 
     (tx, ty), (vx, vy) = tensors(train_rows), tensors(val_rows)
+    search = {} if args.min_similarity is None else {"min_similarity": args.min_similarity}
     train_kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                        seed=args.seed, encoder_widths=encoder_widths(backbone))
+                        seed=args.seed, encoder_widths=encoder_widths(backbone), search=search)
     mined = []
     if args.mine_rounds > 0:
         from .adversarial import allowed as guard_split_only

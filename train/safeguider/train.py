@@ -38,13 +38,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def fit(accelerator, train_x, train_y, val_x, val_y, out: Path, *, epochs: int = 50, batch_size: int = 32,
         lr: float = 1e-3, momentum: float = 0.9, seed: int = 0, resume: bool = False, meta: dict | None = None,
-        checks: dict | None = None, encoder_widths: list[int] | None = None) -> dict:
+        checks: dict | None = None, encoder_widths: list[int] | None = None, search: dict | None = None) -> dict:
     """``accelerator``: from :func:`train.loop.setup` (which seeded the process before the model is made).
     ``checks``: more held-out sets ``{name: (x, y)}``, evaluated once at the end into the log.
-    ``encoder_widths``: SDXL, the per-encoder split of the concatenated EOS features (the config records it)."""
+    ``encoder_widths``: SDXL, the per-encoder split of the concatenated EOS features (the config records it).
+    ``search``: search settings other than the defaults (e.g. ``min_similarity``), recorded in ``config.json``."""
     out = Path(out)
     ckpt = out / "checkpoint.pt"
-    model = SafeGuiderClassifier(SafeGuiderConfig(hidden_size=train_x.shape[1], encoder_widths=encoder_widths))
+    model = SafeGuiderClassifier(SafeGuiderConfig(hidden_size=train_x.shape[1], encoder_widths=encoder_widths,
+                                                  **(search or {})))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     start, history, _ = resume_from(ckpt, model, optimizer) if resume else (0, [], {})
     if start:
