@@ -73,7 +73,7 @@ $(TW_DATA)/data.json: | $(STAMP)
 	  --judge tinyworld --masks train/tinyworld/fewshot --limit 800 --benign-limit 600 --threads 1 --out $(TW_DATA) --resume
 
 guards-tinyworld: $(TW_DATA)/data.json  ## retrain the four guards from prompts only (~75 min on 2 cores)
-	$(PY) -m train safeguider --model models/tinyworld --noun-deletions 6 --mine-rounds 2 --mine-judge tinyworld --out models/guards/tinyworld/safeguider  # dev: safeguider_dev180/deletions
+	$(PY) -m train safeguider --model models/tinyworld --noun-deletions 6 --mine-rounds 2 --mine-judge tinyworld --min-similarity -0.3 --out models/guards/tinyworld/safeguider  # dev: safeguider_dev180/{deletions,min_similarity}
 	$(PY) -m train saferedir --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/saferedir --cache .cache/saferedir_data
 	$(PY) -m train safepatch --model models/tinyworld --data $(TW_DATA) --out models/guards/tinyworld/safepatch
 	# the stack's SafeRedir: its redirect also learns attack-style variants (issue 20)
@@ -95,7 +95,8 @@ engines/tinyworld_%.plan: models/tinyworld/unet/diffusion_pytorch_model.safetens
                           models/guards/tinyworld/%/config.json guards/%.py export/guards/%.py $(GUARD_CODE) | $(STAMP)
 	$(PY) -m export build --model models/tinyworld --guards $* $(GUARD_SETTINGS) --out $@
 # fail closed: a prompt whose search finds no qualifying deletion is refused, not generated from the search's best try
-# (dev choice: bench/results/safeguider_dev180/deletions/README.md)
+# (dev choice: bench/results/safeguider_dev180/deletions/README.md). The search's EOS-cosine floor (-0.3, not the
+# paper's 0.1) comes with the weights: their config.json, the floor they were mined with (min_similarity/README.md)
 engines/tinyworld_safeguider.plan: GUARD_SETTINGS := --guard-setting safeguider.on_no_qualifier=block
 
 # The stack (issues 17, 20): every guard trained from prompts. SafeGuider gates, the others remove on its flag;

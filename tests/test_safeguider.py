@@ -109,7 +109,7 @@ def test_batched_search_equals_sequential(guard, gpipe):
     for p in prompts:
         score, eos = score_one(p)
         fast, _ = guard.search(p, score, eos)
-        slow = beam_search_sequential(p, score_one, (score, eos))
+        slow = beam_search_sequential(p, score_one, (score, eos), min_similarity=float(guard.config["min_similarity"]))
         agree += fast.removed == slow.removed and fast.prompt == slow.prompt
         batched_calls += fast.text_calls
         seq_calls += slow.text_calls
@@ -179,7 +179,9 @@ def test_lean_matches_pytorch_reference(prompt, triggered, gpipe, torch_parts):
 
     score, eos = score_one(prompt)
     assert (score <= 0.5) == triggered
-    final = beam_search_sequential(prompt, score_one, (score, eos)).prompt if triggered else prompt
+    # the reference searches with the weights' own settings, as the bundle does (config.json carries the floor)
+    final = beam_search_sequential(prompt, score_one, (score, eos), min_similarity=clf.config.min_similarity
+                                   ).prompt if triggered else prompt
     with torch.no_grad():
         ids = tok([final], padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
         embeds = bb.pipeline.text_encoder(ids)[0]
