@@ -33,7 +33,7 @@ MANIFEST_KEYS = {  # what the lean runtime reads, no more and no less (it has no
 }
 
 CLI_FROM_CONFIG = {  # train CLI options whose default is a config field's (taken from the schema, not retyped)
-    "safeguider": set(),
+    "safeguider": {"min_similarity"},
     "saferedir": {"alpha", "check_every", "first_check", "threshold"},
     "safepatch": {"proj_dim"},
     "safectrl": {"start_step_fraction", "mask_threshold", "mask_gain", "latch_threshold", "latch_floor", "mask_dilate"},
@@ -177,7 +177,8 @@ def test_train_cli_defaults_are_the_config_defaults(name):
 
 def test_prepare_writes_the_configs_run_time_settings(backbone):
     """Every manifest entry has exactly the keys the runtime reads; the run-time settings are the config's; the
-    committed SafeGuider, SafeRedir and SafeCtrl run with the schema's defaults (the CLI's too)."""
+    committed SafeGuider, SafeRedir and SafeCtrl run with the schema's defaults (the CLI's too), but for the
+    SafeGuider search floor tinyworld's weights were mined at (a dev choice; the schema keeps the paper's 0.1)."""
     from export.guards import prepare
 
     parts = prepare(list(guards.GUARDS), backbone, TINYWORLD)
@@ -190,8 +191,9 @@ def test_prepare_writes_the_configs_run_time_settings(backbone):
         if name != "safepatch":  # SafePatch's threshold is calibrated at training time (0.9 committed)
             defaults = {f.name: f.default for f in dataclasses.fields(type(config))
                         if f.default is not dataclasses.MISSING}
+            chosen = {"min_similarity": -0.3} if name == "safeguider" else {}
             assert {k: v for k, v in config.runtime().items() if k in defaults} == \
-                {k: defaults[k] for k in config.RUNTIME_KEYS if k in defaults}
+                {**{k: defaults[k] for k in config.RUNTIME_KEYS if k in defaults}, **chosen}
     # the committed SafeCtrl is the prompt-only one: its blend dilated, its hold floored (the dev choices)
     assert parts["safectrl"].config["mask_dilate"] == 1 and parts["safectrl"].config["latch_floor"] == 0.25
     assert parts["safectrl"].config["mask_threshold"] == guards.config_class("safectrl").mask_threshold == 0.07

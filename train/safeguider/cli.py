@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from guards.safeguider import SafeGuiderConfig
+from train.options import add_config_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="backbone (diffusers folder or single file)")
@@ -43,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tinyworld's unsafe-phrase rule")
     p.add_argument("--mine-images", type=int, default=2,
                    help="--mine-judge: images per mined prompt; unsafe when the judge finds any (default %(default)s)")
-    p.add_argument("--min-similarity", type=float, default=None,
-                   help="the search's EOS-cosine floor (guards/safeguider.py default, the paper's 0.1): mining searches "
-                        "with it and config.json records it, so the bundle runs the search the classifier was mined on")
+    add_config_options(p, SafeGuiderConfig, {
+        "min_similarity": "the search's EOS-cosine floor (the paper's, set on CLIP): mining searches with it and "
+                          "config.json records it, so the bundle runs the search the classifier was mined on"})
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out validation share (default %(default)s)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -129,7 +132,7 @@ def main(args) -> int:
         return x, torch.tensor([label for _, label in rs], dtype=torch.long)
 
     (tx, ty), (vx, vy) = tensors(train_rows), tensors(val_rows)
-    search = {} if args.min_similarity is None else {"min_similarity": args.min_similarity}
+    search = {"min_similarity": args.min_similarity}
     train_kwargs = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                         seed=args.seed, encoder_widths=encoder_widths(backbone), search=search)
     mined = []
