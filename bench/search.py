@@ -132,10 +132,7 @@ def measure(plan: str, per_group: int, repeats: int) -> dict:
         for _ in range(5):
             denoise.infer(feeds)
         groups = evaluation_prompts(per_group, seed=1)
-        # the sequential search runs with the bundle's own settings (a build may set e.g. min_similarity)
-        c = guard.config
-        settings = dict(beam_width=int(c["beam_width"]), max_depth=int(c["max_depth"]),
-                        qualify_score=float(c["qualify_score"]), min_similarity=float(c["min_similarity"]))
+        settings = guard.search_settings()  # the sequential search runs with the bundle's own (e.g. its floor)
         rows = []
         for prompt in [s.caption for g in ("explicit", "heldout", "implicit") for s in groups[g]]:
             score, eos = score_one(prompt)

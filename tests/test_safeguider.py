@@ -109,7 +109,7 @@ def test_batched_search_equals_sequential(guard, gpipe):
     for p in prompts:
         score, eos = score_one(p)
         fast, _ = guard.search(p, score, eos)
-        slow = beam_search_sequential(p, score_one, (score, eos), min_similarity=float(guard.config["min_similarity"]))
+        slow = beam_search_sequential(p, score_one, (score, eos), **guard.search_settings())
         agree += fast.removed == slow.removed and fast.prompt == slow.prompt
         batched_calls += fast.text_calls
         seq_calls += slow.text_calls

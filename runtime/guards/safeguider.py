@@ -239,6 +239,12 @@ class SafeGuider(Guard):
         """The EOS embedding the classifier reads (SDXL: both encoders' concatenated), every row."""
         return np.concatenate([np.asarray(text[k], np.float32) for k in self.eos_keys], axis=-1)
 
+    def search_settings(self) -> dict:
+        """The bundle's beam-search keyword arguments (:func:`beam_search`; the sequential reference takes them too)."""
+        c = self.config
+        return dict(beam_width=int(c["beam_width"]), max_depth=int(c["max_depth"]),
+                    qualify_score=float(c["qualify_score"]), min_similarity=float(c["min_similarity"]))
+
     def search(self, prompt: str, original_score: float, original_eos: np.ndarray) -> tuple[SearchResult, dict]:
         """The batched beam search; also returns the text-stage outputs of the final prompt (one row each)."""
         calls = [0]
@@ -248,10 +254,7 @@ class SafeGuider(Guard):
             calls[0] += -(-len(prompts) // self.max_batch)
             return out[self.output], self.eos(out)
 
-        c = self.config
-        result = beam_search(prompt, score_batch, original_score, original_eos, beam_width=int(c["beam_width"]),
-                             max_depth=int(c["max_depth"]), qualify_score=float(c["qualify_score"]),
-                             min_similarity=float(c["min_similarity"]))
+        result = beam_search(prompt, score_batch, original_score, original_eos, **self.search_settings())
         result.text_calls = calls[0]
         if result.prompt == prompt:
             return result, {}
