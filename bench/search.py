@@ -1,7 +1,8 @@
 """``python -m bench safeguider-search``: SafeGuider's beam search, batched vs sequential, in UNet steps.
 
 For each flagged tinyworld evaluation prompt (explicit, held-out, implicit) the lean runtime's batched search
-(every depth's candidates in one text-stage call, :meth:`runtime.guards.safeguider.SafeGuider.search`) and the
+(every depth's candidates in one text-stage call, as row slices side by side on a CPU,
+:meth:`runtime.guards.safeguider.SafeGuider.search`) and the
 sequential re-implementation of the public algorithm (:func:`beam_search_sequential` below,
 one candidate per call) are timed (min of ``--repeats``), next to one denoise step at CFG batch 2 (median of 5,
 measured beside each prompt), on the same bundle and machine. Also checks that both give the same final prompt.

@@ -148,8 +148,23 @@ def test_closed_engine_refuses(bundle):
     engine = OrtEngine.from_bundle(bundle, "vae_decoder")
     engine.close()
     engine.close()  # idempotent
-    with pytest.raises(BackendError, match="closed"):
-        engine.infer({"latent": np.zeros((1, 4, 16, 16), np.float32)})
+    for run in (engine.infer, engine.infer_rows):
+        with pytest.raises(BackendError, match="closed"):
+            run({"latent": np.zeros((1, 4, 16, 16), np.float32)})
+
+
+@pytest.mark.parametrize("rows", [3, 13, 64])
+def test_infer_rows_gives_the_rows_of_one_run_bit_for_bit(bundle, rows):
+    """SafeGuider's candidates run as row slices side by side on a one-thread session (a small CPU graph): every
+    output row equals the one run's, in order; fewer than two slices' worth of rows is the one run itself."""
+    with OrtEngine.from_bundle(bundle, "text_encoder") as engine:
+        assert engine.parallel_runs == (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else os.cpu_count())
+        feeds = feeds_for(engine.component, n=rows, seed=rows)
+        want, got = engine.infer(feeds), engine.infer_rows(feeds)
+        assert list(got) == list(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
 
 
 # -- external data ------------------------------------------------------------------------------------------------
@@ -206,6 +221,10 @@ def test_external_data_graph_runs_through_open_engines(external_data_plan):
             assert list(engines) == ["bias"]  # the .data file component is not an engine
             x = np.ones((1, 256, 256), np.float32)
             np.testing.assert_array_equal(engines["bias"].infer({"x": x})["z"], x + w)
+            # a graph with external data is not held twice: its rows run as one call
+            assert engines["bias"].parallel_runs == 1
+            x = np.ones((8, 256, 256), np.float32)
+            np.testing.assert_array_equal(engines["bias"].infer_rows({"x": x})["z"], x + w)
         finally:
             close_engines(engines)
 

@@ -54,3 +54,25 @@ def test_truncation_is_reported_not_silent(tinyworld_dir):
 def test_missing_files_are_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="vocab.json"):
         CLIPTokenizer(tmp_path)
+
+
+def test_encode_words_equals_whole_prompt_tokenization(tinyworld_dir, tmp_path):
+    """SafeGuider's candidates are tokenized from their words' ids: the same ids as tokenizing each prompt whole,
+    for deletions of tricky prompts (case, accents, a final sigma, contractions, digits, punctuation, truncation,
+    an empty remainder) and for prompts not joined by single spaces (tokenized whole)."""
+    d = build_clip_tokenizer(vocabulary_corpus(), tmp_path, merges=400, max_length=16, pad_token="!")
+    tricky = ["A Small RED knife, at night!?", "héllo wörld 42 it's ΟΔΟΣ café\u0301 🪦", "a knife " * 30,
+              "don't 3d-print a 12x blade...", "ΣΑΣ σας Σ"]
+    for tok in (CLIPTokenizer(tinyworld_dir / "tokenizer"), CLIPTokenizer(d)):
+        rng = random.Random(0)
+        prompts = [""] + [sample_scene(rng).caption for _ in range(50)]
+        for p in tricky + prompts[:10]:
+            words = p.split()
+            prompts += [" ".join(w for j, w in enumerate(words) if j != i) for i in range(len(words))]
+        prompts += ["two  spaces", " leading", "tab\there", "a\x1cb"]  # not single-spaced: tokenized whole
+        want = tok(prompts)
+        got = tok.encode_words(prompts)
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        assert got.lengths == want.lengths and got.truncated == want.truncated
+        again = tok.encode_words(prompts[::-1])  # from the memo
+        np.testing.assert_array_equal(again.input_ids, want.input_ids[::-1])

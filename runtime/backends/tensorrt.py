@@ -227,6 +227,7 @@ class TrtEngine:
     """One serialized TensorRT engine with persistent I/O buffers, an execution context and a stream."""
 
     backend = "tensorrt"
+    parallel_runs = 1  # one context and stream: calls are serialized
 
     def __init__(self, component: ComponentSpec, trt, cudart, engine, runtime, logger, *, stream: int,
                  owns_stream: bool, cuda_graph: bool = False):
@@ -335,6 +336,10 @@ class TrtEngine:
         self._drop_graph()  # a captured graph holds the old address
 
     # -- running ---------------------------------------------------------------------------------------------
+
+    def infer_rows(self, feeds: Mapping[str, np.ndarray], min_rows: int = 4) -> dict[str, np.ndarray]:
+        """:meth:`infer` (the ONNX Runtime engine's row slices have nothing to gain on one stream)."""
+        return self.infer(feeds)
 
     def infer(self, feeds: Mapping[str, np.ndarray], check_outputs: bool = True) -> dict[str, np.ndarray]:
         """Run the engine: validated ``feeds`` in, ``{output name: array}`` out (NaN/Inf checked)."""
