@@ -263,16 +263,26 @@ def test_saferedir_adversarial_variants(fixture_data, tmp_path):
 
 
 def test_saferedir_adversarial_cache_is_per_backbone(fixture_data, tmp_path):
-    """The same prompts under another backbone's text encoder are other rows: one cache keeps both, never mixed."""
+    """The same prompts under another backbone's text encoder are other rows: one cache keeps both, never mixed.
+    SDXL's variants carry their pooled embeddings too, and its stage 2 trains on them."""
+    from safetensors.numpy import load_file
+
     work = tmp_path / "work"
-    for family in ("sd1", "sd2"):
+    for family in ("sd1", "sd2", "sdxl"):
         model, data = fixture_data(family)
         assert train("saferedir", model, data, tmp_path / family, work, "--adversarial", "2") == 0
-    files = sorted((work / "saferedir").glob("adversarial_*.npz"))
-    assert len(files) == 2
-    with np.load(files[0]) as a, np.load(files[1]) as b:
+    files = sorted((work / "saferedir").glob("adversarial_*.npz"), key=lambda f: f.stat().st_mtime)
+    assert len(files) == 3
+    arrays = [dict(np.load(f)) for f in files]
+    for a, b in zip(arrays, arrays[1:]):
         assert list(a["prompt"]) == list(b["prompt"])  # the same variants ...
         assert a["emb"].shape != b["emb"].shape or not np.array_equal(a["emb"], b["emb"])  # ... each encoder's rows
+    xl = arrays[2]
+    assert "pooled" in xl and len(xl["pooled"]) == len(xl["pair"]) and "pooled" not in arrays[0]
+    model, data = fixture_data("sdxl")
+    assert train("saferedir", model, data, tmp_path / "sdxl_plain", tmp_path / "work_plain") == 0
+    adv, plain = load_file(tmp_path / "sdxl" / "model.safetensors"), load_file(tmp_path / "sdxl_plain" / "model.safetensors")
+    assert any(not np.array_equal(adv[k], plain[k]) for k in adv)
 
 
 @pytest.mark.parametrize("guard", TRAINED)

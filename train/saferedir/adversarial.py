@@ -23,7 +23,8 @@ from .data import _cached, _embed
 def adversarial_pairs(pipe, d: dict, cache: Path, n: int, seed: int) -> dict[str, np.ndarray]:
     """``n`` attack-style variants of each redirect pair's unsafe prompt (tinyworld's edits of the guard split:
     ``train/safeguider/adversarial.py``; never a held-out synonym or an evaluation caption) -> ``{"emb": (M, L, D),
-    "pair": (M,) index of the pair, "prompt": (M,)}``. Stage 2 redirects them toward their pair's safe image."""
+    "pair": (M,) index of the pair, "prompt": (M,)}`` (SDXL also ``"pooled": (M, P)``). Stage 2 redirects them toward
+    their pair's safe image."""
     prompts = [str(p) for p in d["pair_prompt"]]
     # the pairs' own embeddings in the key: the same prompts under another text encoder are other variants' rows
     key = f"adversarial_{_sha(prompts, d['pair_emb'])}_n{n}_s{seed}.npz"
@@ -32,7 +33,7 @@ def adversarial_pairs(pipe, d: dict, cache: Path, n: int, seed: int) -> dict[str
         vocab = list(pipe.tokenizer.get_vocab())
         rows = [(v, k) for k, p in enumerate(prompts)
                 for v, _ in adversarial_variants([(p, UNSAFE)], n, seed * 100_003 + k, vocab=vocab)]
-        return {"emb": _embed(pipe, [v for v, _ in rows])["emb"], "pair": np.array([k for _, k in rows], np.int64),
+        return {**_embed(pipe, [v for v, _ in rows]), "pair": np.array([k for _, k in rows], np.int64),
                 "prompt": np.array([v for v, _ in rows])}
 
     return _cached(Path(cache) / key, make)

@@ -45,8 +45,8 @@ def fit(args, source_class) -> dict:
     if backbone.family == "sdxl" and getattr(args, "renderer", False):
         raise BadInputError("saferedir --renderer: tinyworld's renderer path is SD 1.x only; train an SDXL "
                             "backbone from --data (`python -m train data --model ...`)")
-    if args.adversarial > 0 and (backbone.family == "sdxl" or getattr(args, "renderer", False)):
-        raise BadInputError("saferedir --adversarial: the attack-style edits are tinyworld's (SD 1.x, --data): "
+    if args.adversarial > 0 and getattr(args, "renderer", False):
+        raise BadInputError("saferedir --adversarial: the attack-style edits train from --data, not the renderer: "
                             "drop --adversarial")  # refused before the data step, not after it
     with acc.main_process_first():
         d = source.build()
@@ -109,9 +109,10 @@ def fit(args, source_class) -> dict:
 
         with acc.main_process_first():
             a = adversarial_pairs(pipe, d, args.cache, args.adversarial, args.seed)
-        adv_emb, adv_pair = torch.from_numpy(a["emb"]), torch.from_numpy(a["pair"])
+        adv_pair = torch.from_numpy(a["pair"])
         metrics["adversarial_variants"] = int(len(adv_pair))
-        adv = (adv_emb, [torch.nonzero(adv_pair == k)[:, 0] for k in range(len(z0))])
+        adv = (torch.from_numpy(a["emb"]), torch.from_numpy(a["pooled"]) if sdxl else None,
+               [torch.nonzero(adv_pair == k)[:, 0] for k in range(len(z0))])
     for stage, total, lr, params in stages:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -132,8 +133,10 @@ def fit(args, source_class) -> dict:
             else:
                 i = torch.randint(0, len(z0), (args.gen_batch,), generator=g)
                 j = train_idx[benign_pool[torch.randint(0, len(benign_pool), (args.gen_batch,), generator=g)]]
-                pooled = torch.cat([p_u[i], p_traj[j]]) if sdxl else None
-                unsafe_rows = e_u[i] if adv is None else _attacked(e_u[i], i, adv, args.adversarial_share, g)
+                unsafe_rows, unsafe_pooled = ((e_u[i], p_u[i] if sdxl else None) if adv is None
+                                              else _attacked(e_u[i], p_u[i] if sdxl else None, i, adv,
+                                                             args.adversarial_share, g))
+                pooled = torch.cat([unsafe_pooled, p_traj[j]]) if sdxl else None
                 both = wrapped(None, None, torch.cat([unsafe_rows, emb[j]]), pooled, part="redirect")
                 out_u = tuple(o[: args.gen_batch] for o in both)
                 out_b = tuple(o[args.gen_batch:] for o in both)
@@ -165,14 +168,20 @@ def fit(args, source_class) -> dict:
     return metrics
 
 
-def _attacked(rows: torch.Tensor, pairs: torch.Tensor, adv: tuple, share: float, g: torch.Generator) -> torch.Tensor:
-    """A ``share`` of the unsafe rows (of pairs with variants) swapped for one of their pair's attack-style variants."""
-    emb, of_pair = adv
+def _attacked(rows: torch.Tensor, pooled: torch.Tensor | None, pairs: torch.Tensor, adv: tuple, share: float,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ``share`` of the unsafe rows (of pairs with variants) swapped for one of their pair's attack-style variants
+    (SDXL: its pooled embedding with it)."""
+    emb, emb_pooled, of_pair = adv
     rows = rows.clone()
+    pooled = None if pooled is None else pooled.clone()
     for r, k in enumerate(pairs.tolist()):
         if len(of_pair[k]) and torch.rand((), generator=g) < share:
-            rows[r] = emb[of_pair[k][torch.randint(0, len(of_pair[k]), (), generator=g)]]
-    return rows
+            v = of_pair[k][torch.randint(0, len(of_pair[k]), (), generator=g)]
+            rows[r] = emb[v]
+            if pooled is not None:
+                pooled[r] = emb_pooled[v]
+    return rows, pooled
 
 
 @torch.no_grad()
