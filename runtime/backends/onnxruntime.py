@@ -35,7 +35,8 @@ Design notes
   as one slice per core, side by side on a second, one-thread session of the same graph, when the graph is small
   (at most ``ROW_SLICE_MAX_BYTES``, no external data) and runs on the CPU provider: a small graph's kernels barely
   use ORT's intra-op threads (tinyworld's text stage, 39 prompts: 6.1 ms as one run on 2 threads, 3.5 ms as two
-  one-thread halves; ``bench/results/safeguider_search_cpu.md``). The session is made on first use.
+  one-thread halves; ``bench/results/safeguider_search_row_slices/README.md``). The session is made on first use,
+  from the bundle, which must still be open (a pipeline closes both together).
 * **Checks.** :meth:`OrtEngine.infer` validates the feeds against the component's TensorSpecs (names,
   dtypes, ranks, static dims, and symbolic dims such as ``"N"`` equal across all inputs) and raises a
   one-line :class:`~runtime.errors.BadInputError` naming the input; it then checks every float output for
