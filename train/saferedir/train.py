@@ -133,9 +133,10 @@ def fit(args, source_class) -> dict:
             else:
                 i = torch.randint(0, len(z0), (args.gen_batch,), generator=g)
                 j = train_idx[benign_pool[torch.randint(0, len(benign_pool), (args.gen_batch,), generator=g)]]
-                unsafe_rows, unsafe_pooled = ((e_u[i], p_u[i] if sdxl else None) if adv is None
-                                              else _attacked(e_u[i], p_u[i] if sdxl else None, i, adv,
-                                                             args.adversarial_share, g))
+                unsafe_rows, unsafe_pooled = e_u[i], (p_u[i] if sdxl else None)
+                if adv is not None:
+                    unsafe_rows, unsafe_pooled = _attacked(unsafe_rows, unsafe_pooled, i, adv,
+                                                           args.adversarial_share, g)
                 pooled = torch.cat([unsafe_pooled, p_traj[j]]) if sdxl else None
                 both = wrapped(None, None, torch.cat([unsafe_rows, emb[j]]), pooled, part="redirect")
                 out_u = tuple(o[: args.gen_batch] for o in both)
