@@ -2,8 +2,9 @@
 
 Every engine (:class:`~runtime.backends.onnxruntime.OrtEngine`, :class:`~runtime.backends.tensorrt.TrtEngine`)
 has ``name``, ``component`` (its manifest ComponentSpec), ``providers``, ``infer(feeds) -> outputs``
-(``dict[str, np.ndarray]`` both ways; feeds validated against the manifest, outputs checked for NaN/Inf)
-and ``close()``.
+(``dict[str, np.ndarray]`` both ways; feeds validated against the manifest, outputs checked for NaN/Inf),
+``infer_rows(feeds)`` (the same for a batch of independent rows, which ONNX Runtime on a CPU runs as row slices side
+by side; ``parallel_runs`` says how many) and ``close()``.
 
 >>> with Bundle.open("tinyworld.plan") as bundle:
 ...     engines = open_engines(bundle)                   # {"text_encoder": ..., "denoise": ..., "vae_decoder": ...}
